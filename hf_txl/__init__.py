@@ -1,0 +1,59 @@
+"""hf_txl: Transformer-XL (Dai et al. 2019, arXiv 1901.02860) for the Hugging Face ecosystem.
+
+Importing this package registers the model with the transformers Auto classes, so that
+``AutoConfig``, ``AutoModel``, ``AutoModelForCausalLM`` and ``AutoModelForSequenceClassification``
+resolve ``model_type="hf_txl"`` directories without ``trust_remote_code``.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+)
+
+from .configuration_txl import TxlConfig
+from .modeling_txl import (
+    TxlForCausalLM,
+    TxlForSequenceClassification,
+    TxlMems,
+    TxlModel,
+    TxlPreTrainedModel,
+)
+
+AutoConfig.register(TxlConfig.model_type, TxlConfig, exist_ok=True)
+AutoModel.register(TxlConfig, TxlModel, exist_ok=True)
+AutoModelForCausalLM.register(TxlConfig, TxlForCausalLM, exist_ok=True)
+AutoModelForSequenceClassification.register(TxlConfig, TxlForSequenceClassification, exist_ok=True)
+
+# `save_pretrained` then writes `auto_map` into config.json and copies configuration_txl.py and
+# modeling_txl.py next to the weights, so the directory also loads with `trust_remote_code=True`
+# where hf_txl is not installed.
+TxlConfig.register_for_auto_class()
+TxlModel.register_for_auto_class("AutoModel")
+TxlForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+TxlForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TxlConfig",
+    "TxlForCausalLM",
+    "TxlForSequenceClassification",
+    "TxlMems",
+    "TxlModel",
+    "TxlPreTrainedModel",
+]
+
+# --- tokenizer and data pipeline exports (tokenization_txl.py, data.py) ---
+from .data import DEFAULT_CORPUS_PATH, StreamBatcher, load_corpus, tokenize_to_array  # noqa: E402
+from .tokenization_txl import TxlCharTokenizer, UnknownCharacterWarning  # noqa: E402
+
+__all__ += [
+    "DEFAULT_CORPUS_PATH",
+    "StreamBatcher",
+    "TxlCharTokenizer",
+    "UnknownCharacterWarning",
+    "load_corpus",
+    "tokenize_to_array",
+]

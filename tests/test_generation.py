@@ -1,0 +1,149 @@
+"""generate(): the memory is the past state; results equal full recomputation."""
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_config
+from transformers.generation.streamers import BaseStreamer
+
+from hf_txl import TxlForCausalLM
+
+
+def make_model(**overrides):
+    return TxlForCausalLM(tiny_config(**overrides)).eval()
+
+
+def record_input_lengths(model):
+    lengths = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    return lengths, hook
+
+
+def test_greedy_with_memory_feeds_one_token_and_equals_full_recomputation():
+    model = make_model(mem_len=64)
+    prompt = torch.randint(1, 40, (2, 9))
+    lengths, hook = record_input_lengths(model)
+    with_memory = model.generate(prompt, max_new_tokens=20, do_sample=False)
+    hook.remove()
+    assert lengths == [9] + [1] * 19  # prefix once, then only the new token each step
+    recomputed = model.generate(prompt, max_new_tokens=20, do_sample=False, use_cache=False)
+    assert torch.equal(with_memory, recomputed)
+    # and by hand: argmax of a full forward pass at every step, no memory at all
+    sequence = prompt
+    with torch.no_grad():
+        for _ in range(20):
+            logits = model(sequence, use_cache=False).logits[:, -1]
+            sequence = torch.cat([sequence, logits.argmax(-1, keepdim=True)], 1)
+    assert torch.equal(with_memory, sequence)
+
+
+def test_mem_len_zero_generates_by_recomputation():
+    model = make_model(mem_len=64)
+    no_memory = TxlForCausalLM(copy.deepcopy(model.config)).eval()
+    no_memory.config.mem_len = 0
+    no_memory.load_state_dict(model.state_dict())
+    prompt = torch.randint(1, 40, (1, 5))
+    lengths, hook = record_input_lengths(no_memory)
+    out = no_memory.generate(prompt, max_new_tokens=6, do_sample=False)
+    hook.remove()
+    assert lengths == list(range(5, 11))
+    assert torch.equal(out, model.generate(prompt, max_new_tokens=6, do_sample=False))
+
+
+def test_left_padded_batch_generates_what_each_prompt_generates_alone():
+    model = make_model(mem_len=64)
+    prompts = [torch.randint(1, 40, (n,)) for n in (3, 8, 5)]
+    width = max(len(p) for p in prompts)
+    input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = prompt
+        attention_mask[row, width - len(prompt) :] = 1
+    batched = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=15, do_sample=False)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(prompt[None], max_new_tokens=15, do_sample=False)
+        assert torch.equal(batched[row, width:], alone[0, len(prompt) :])
+
+
+def test_sampling_is_seeded_and_memory_matches_recomputation():
+    model = make_model(mem_len=64)
+    prompt = torch.randint(1, 40, (2, 4))
+    runs = []
+    for use_cache in (True, False):
+        torch.manual_seed(123)
+        runs.append(
+            model.generate(
+                prompt, do_sample=True, top_k=10, top_p=0.9, temperature=0.8, max_new_tokens=12,
+                num_return_sequences=3, use_cache=use_cache,
+            )
+        )  # fmt: skip
+    assert runs[0].shape == (6, 16)
+    assert torch.equal(runs[0], runs[1])
+    assert torch.equal(runs[0][0, :4], prompt[0]) and torch.equal(runs[0][3, :4], prompt[1])
+
+
+def test_beam_search_reorders_memory():
+    model = make_model(mem_len=64)
+    prompt = torch.randint(1, 40, (2, 5))
+    kwargs = dict(num_beams=4, num_return_sequences=2, max_new_tokens=10, do_sample=False, early_stopping=True)
+    with_memory = model.generate(prompt, **kwargs)
+    recomputed = model.generate(prompt, use_cache=False, **kwargs)
+    assert with_memory.shape == (4, 15)
+    assert torch.equal(with_memory, recomputed)
+
+
+class CollectingStreamer(BaseStreamer):
+    def __init__(self):
+        self.chunks, self.ended = [], False
+
+    def put(self, value):
+        self.chunks.append(value.reshape(-1).tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def test_streamer_receives_prompt_then_every_new_token():
+    model = make_model()
+    prompt = torch.randint(1, 40, (1, 4))
+    streamer = CollectingStreamer()
+    out = model.generate(prompt, max_new_tokens=7, do_sample=False, streamer=streamer)
+    assert streamer.ended
+    assert streamer.chunks[0] == prompt[0].tolist()
+    assert [c[0] for c in streamer.chunks[1:]] == out[0, 4:].tolist()
+
+
+def test_generating_far_beyond_mem_len_keeps_memory_bounded():
+    model = make_model(mem_len=8)
+    sizes = []
+    hook = model.register_forward_hook(lambda module, args, output: sizes.append(output.mems.mem_len))
+    out = model.generate(torch.randint(1, 40, (1, 3)), max_new_tokens=60, do_sample=False, min_new_tokens=60)
+    hook.remove()
+    assert out.shape == (1, 63)
+    assert max(sizes) == 8 and sizes[-1] == 8
+
+
+def test_generate_continues_from_user_memory():
+    model = make_model(mem_len=64)
+    context = torch.randint(1, 40, (1, 10))
+    prompt = torch.randint(1, 40, (1, 3))
+    with torch.no_grad():
+        mems = model(context).mems
+    continued = model.generate(prompt, mems=mems, max_new_tokens=5, do_sample=False)
+    whole = model.generate(torch.cat([context, prompt], 1), max_new_tokens=5, do_sample=False)
+    assert torch.equal(continued[:, 3:], whole[:, 13:])
+
+
+@pytest.mark.parametrize("num_return_sequences", [2])
+def test_user_memory_is_expanded_for_several_sequences(num_return_sequences):
+    model = make_model(mem_len=64)
+    with torch.no_grad():
+        mems = model(torch.randint(1, 40, (1, 6))).mems
+    out = model.generate(
+        torch.randint(1, 40, (1, 2)), mems=mems, do_sample=True, max_new_tokens=4,
+        num_return_sequences=num_return_sequences,
+    )  # fmt: skip
+    assert out.shape == (num_return_sequences, 6)
