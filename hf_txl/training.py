@@ -1,0 +1,236 @@
+"""Pieces of the training loop that need care: evaluation with memory, and exact, atomic checkpoints.
+
+Used by ``scripts/train.py`` and ``scripts/evaluate.py``.
+
+A checkpoint is a directory ``<output_dir>/checkpoints/step_<N>`` holding
+
+* what ``accelerator.save_state`` writes (weights as safetensors, optimizer, scheduler, every process's RNG
+  states; Accelerate reads its ``.bin``/``.pkl`` files back with ``torch.load(weights_only=True)``),
+* ``mems_<rank>.safetensors``: the training memory of every process,
+* ``stream_<rank>.json``: every process's stream position,
+* ``trainer_state.json``: step counter, model config and the arguments of the run.
+
+It is written to a hidden temporary directory and renamed into place when complete, so a run killed while
+saving leaves the previous checkpoint untouched and loadable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .data import StreamBatcher
+from .modeling_txl import TxlMems
+
+CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------
+
+
+def lm_metrics(nll_sum: float, num_tokens: int) -> dict[str, float]:
+    """Mean loss (nats/token), bits per token (loss / ln 2) and perplexity (exp loss)."""
+    loss = nll_sum / max(num_tokens, 1)
+    return {"loss": loss, "bpc": loss / math.log(2), "perplexity": math.exp(min(loss, 700.0))}
+
+
+@contextlib.contextmanager
+def memory_settings(config, *, mem_len=None, clamp_len=None, same_length=None):
+    """Temporarily change the memory-related config fields (evaluation may use a longer memory)."""
+    saved = (config.mem_len, config.clamp_len, config.same_length)
+    try:
+        if mem_len is not None:
+            config.mem_len = mem_len
+        if clamp_len is not None:
+            config.clamp_len = clamp_len
+        if same_length is not None:
+            config.same_length = same_length
+        config.validate_txl()
+        yield config
+    finally:
+        config.mem_len, config.clamp_len, config.same_length = saved
+
+
+@torch.no_grad()
+def evaluate_stream(
+    model,
+    tokens,
+    *,
+    batch_size: int,
+    tgt_len: int,
+    mem_len: int | None = None,
+    clamp_len: int | None = None,
+    same_length: bool | None = None,
+    accelerator=None,
+    max_steps: int = 0,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Loss over a token stream processed in order with memory, as in the paper's evaluation.
+
+    The stream is cut into ``batch_size x num_processes`` contiguous rows (each process evaluates its own);
+    every input position is scored once against the next token of the stream (only the very last token of
+    the stream, and the tail that does not fill a row, go unscored). Totals are summed over processes.
+    Returns ``loss``, ``bpc``, ``perplexity``, ``tokens``, ``seconds`` and ``tokens_per_s``.
+    """
+    unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
+    device = accelerator.device if accelerator is not None else next(unwrapped.parameters()).device
+    num_processes = accelerator.num_processes if accelerator is not None else 1
+    process_index = accelerator.process_index if accelerator is not None else 0
+    batcher = StreamBatcher(
+        tokens, batch_size=batch_size, tgt_len=tgt_len, num_processes=num_processes,
+        process_index=process_index, device=device,
+    )  # fmt: skip
+    was_training = unwrapped.training
+    unwrapped.eval()
+    nll_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    started = time.perf_counter()
+    steps = len(batcher) if not max_steps else min(max_steps, len(batcher))
+    iterator = batcher
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(batcher, total=steps, desc="eval", leave=False)
+    with memory_settings(unwrapped.config, mem_len=mem_len, clamp_len=clamp_len, same_length=same_length):
+        mems = None
+        for index, batch in enumerate(iterator):
+            if index >= steps:
+                break
+            out = unwrapped(input_ids=batch["input_ids"], mems=mems)
+            mems = out.mems
+            logits = out.logits.float().flatten(0, 1)
+            nll_sum += F.cross_entropy(logits, batch["shift_labels"].flatten(), reduction="sum").double()
+            count += batch["shift_labels"].numel()
+    if accelerator is not None:
+        nll_sum = accelerator.reduce(nll_sum, reduction="sum")
+        count = accelerator.reduce(count, reduction="sum")
+    seconds = time.perf_counter() - started
+    unwrapped.train(was_training)
+    metrics = lm_metrics(nll_sum.item(), int(count.item()))
+    metrics.update(tokens=int(count.item()), seconds=seconds, tokens_per_s=count.item() / max(seconds, 1e-9))
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first (temporary directories are ignored)."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and (path / TRAINER_STATE).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def resolve_checkpoint(output_dir: str | os.PathLike, name: str) -> Path:
+    """``latest`` (the newest complete checkpoint in ``output_dir``) or a path to one."""
+    if name == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            raise FileNotFoundError(
+                f"--resume_from_checkpoint latest: no checkpoint under {Path(output_dir) / CHECKPOINTS}; "
+                "start without --resume_from_checkpoint, or pass the path of a checkpoint directory."
+            )
+        return found[-1][1]
+    path = Path(name)
+    if not (path / TRAINER_STATE).is_file():
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {name}: not a complete checkpoint (no {TRAINER_STATE} there). "
+            f"Checkpoints live in <output_dir>/{CHECKPOINTS}/step_<N>; 'latest' picks the newest."
+        )
+    return path
+
+
+def save_mems(mems: TxlMems | None, path: Path) -> None:
+    tensors = {}
+    if mems is not None:
+        tensors = {f"layer_{i}": m.detach().contiguous().cpu() for i, m in enumerate(mems)}
+        if mems.padding_mask is not None:
+            tensors["padding_mask"] = mems.padding_mask.contiguous().cpu()
+    save_file(tensors, str(path))
+
+
+def load_mems(path: Path, device) -> TxlMems | None:
+    tensors = load_file(str(path), device=str(device))
+    if not tensors:
+        return None
+    layers = sorted((k for k in tensors if k.startswith("layer_")), key=lambda k: int(k.split("_")[1]))
+    return TxlMems([tensors[k] for k in layers], tensors.get("padding_mask"))
+
+
+def save_checkpoint(
+    accelerator,
+    output_dir: str | os.PathLike,
+    step: int,
+    *,
+    mems: TxlMems | None,
+    stream_state: dict,
+    trainer_state: dict[str, Any],
+    keep_last: int = 2,
+    kill_hook=None,
+) -> Path:
+    """Write checkpoint ``step`` atomically (all processes must call this), keep the newest ``keep_last``."""
+    root = Path(output_dir) / CHECKPOINTS
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp_step_{step:08d}"
+    if accelerator.is_main_process:
+        for stale in root.glob(".tmp_step_*") if root.is_dir() else []:
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    rank = accelerator.process_index
+    save_mems(mems, tmp / f"mems_{rank}.safetensors")
+    (tmp / f"stream_{rank}.json").write_text(json.dumps(stream_state))
+    if kill_hook is not None:
+        kill_hook("during_save", step)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
+        if final.exists():  # the same step saved again after a resume: replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for _, old in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, path: Path) -> tuple[dict[str, Any], TxlMems | None, dict]:
+    """Restore model, optimizer, scheduler and RNG states; return (trainer_state, this process's mems,
+    this process's stream position)."""
+    trainer_state = json.loads((path / TRAINER_STATE).read_text())
+    saved_processes = trainer_state.get("num_processes", 1)
+    if saved_processes != accelerator.num_processes:
+        raise ValueError(
+            f"Checkpoint {path} was written by {saved_processes} process(es) but this run has "
+            f"{accelerator.num_processes}; the memory and stream positions are per process. Resume with "
+            f"--num_processes {saved_processes}."
+        )
+    accelerator.load_state(str(path))
+    rank = accelerator.process_index
+    mems = load_mems(path / f"mems_{rank}.safetensors", accelerator.device)
+    stream_state = json.loads((path / f"stream_{rank}.json").read_text())
+    return trainer_state, mems, stream_state

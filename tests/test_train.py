@@ -1,0 +1,174 @@
+"""scripts/train.py end to end: training, export, exact resume after SIGKILL, two processes, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = [sys.executable, str(ROOT / "scripts" / "train.py")]
+TINY = ["--preset", "tiny", "--logging_steps", "1"]
+
+
+def run_train(args, *, env=None, check=True, launcher=None):
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    full_env.update(env or {})
+    command = (launcher or TRAIN[:1]) + TRAIN[1:] + list(args)
+    result = subprocess.run(command, capture_output=True, text=True, env=full_env, cwd=ROOT, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def losses(output_dir):
+    """Training loss per step (the last record wins for a step logged twice)."""
+    records = [json.loads(line) for line in Path(output_dir, "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+@pytest.mark.slow
+def test_tiny_run_learns_and_exports_a_loadable_model(tmp_path):
+    out = tmp_path / "run"
+    run_train([*TINY, "--output_dir", str(out), "--max_train_steps", "40", "--learning_rate", "1e-2"])
+    trajectory = losses(out)
+    first = sum(trajectory[s] for s in range(1, 6)) / 5
+    last = sum(trajectory[s] for s in range(36, 41)) / 5
+    assert last < first - 0.5, trajectory
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["tokens"] > 100_000 and results["loss"] < first  # the whole validation split, in order
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import hf_txl  # noqa: F401
+
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert type(model).__name__ == "TxlForCausalLM"
+    prompt = tokenizer("ROMEO:", return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=20, do_sample=False)
+    text = tokenizer.decode(generated[0])
+    assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 20
+    assert {p.name for p in out.iterdir()} >= {
+        "model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+        "configuration_txl.py", "modeling_txl.py", "log.jsonl", "training_args.json",
+    }  # fmt: skip
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path):
+    common = [*TINY, "--max_train_steps", "12", "--checkpointing_steps", "6", "--config_overrides", "dropout=0.1"]
+    straight = tmp_path / "straight"
+    run_train([*common, "--output_dir", str(straight)])
+
+    killed = tmp_path / "killed"
+    result = run_train([*common, "--output_dir", str(killed)], env={"HF_TXL_KILL_AT": "after_step:9"}, check=False)
+    assert result.returncode == -signal.SIGKILL
+    assert not (killed / "model.safetensors").exists()
+    assert max(losses(killed)) == 9  # it really ran past the checkpoint at step 6
+    run_train([*common, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"])
+
+    assert losses(killed) == losses(straight)
+    a, b = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.slow
+def test_kill_while_saving_leaves_previous_checkpoint_loadable(tmp_path):
+    out = tmp_path / "run"
+    common = [*TINY, "--max_train_steps", "8", "--checkpointing_steps", "4", "--output_dir", str(out)]
+    result = run_train(common, env={"HF_TXL_KILL_AT": "during_save:8"}, check=False)
+    assert result.returncode == -signal.SIGKILL
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == [".tmp_step_00000008", "step_00000004"]  # the half-written one is not a checkpoint
+    resumed = run_train([*common, "--resume_from_checkpoint", "latest"])
+    assert "at step 4" in resumed.stdout + resumed.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000004", "step_00000008"]
+
+
+@pytest.mark.slow
+def test_two_processes_follow_the_single_process_loss_trajectory(tmp_path):
+    single, double = tmp_path / "single", tmp_path / "double"
+    common = [*TINY, "--max_train_steps", "8"]
+    run_train([*common, "--per_device_train_batch_size", "4", "--output_dir", str(single)])
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launcher += [
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29533",
+    ]
+    run_train(
+        [*common, "--per_device_train_batch_size", "2", "--output_dir", str(double)],
+        env={"ACCELERATE_USE_CPU": "true"},
+        launcher=launcher,
+    )
+    assert json.loads((double / "training_args.json").read_text())["per_device_train_batch_size"] == 2
+    one, two = losses(single), losses(double)
+    assert one.keys() == two.keys() == set(range(1, 9))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-5), step
+    a, b = load_file(single / "model.safetensors"), load_file(double / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
+
+
+# --- bad input: clear errors before any training, nothing overwritten ------------------------------------
+
+
+def test_unknown_preset():
+    result = run_train(["--preset", "huge"], check=False)
+    assert result.returncode != 0 and "Unknown preset 'huge'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--dataset_name", "x", "--train_file", "y"], "alternatives"),
+        (["--resume_from_checkpoint", "latest", "--overwrite_output_dir"], "deletes it"),
+        (["--push_to_hub"], "needs --hub_model_id"),
+        (["--tgt_len", "0"], "--tgt_len must be >= 1"),
+        (["--checkpointing_steps", "often"], "--checkpointing_steps must be"),
+        (["--validation_split_fraction", "1.5"], "(0, 1)"),
+        (["--config_overrides", "n_layers=3"], "unknown TxlConfig field 'n_layers'"),
+        (["--config_overrides", "d_model=-1"], "`d_model`"),
+        (["--per_device_train_batch_size", "100000"], "shorter than one batch"),
+        (["--train_file", "/nonexistent/corpus.txt"], "corpus.txt"),
+    ],
+)
+def test_bad_arguments_fail_before_training(tmp_path, args, message):
+    result = run_train([*TINY, "--output_dir", str(tmp_path / "out"), *args], check=False)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_existing_run_is_protected_and_config_mismatch_is_refused(tmp_path):
+    out = tmp_path / "run"
+    run_train([*TINY, "--max_train_steps", "4", "--checkpointing_steps", "2", "--output_dir", str(out)])
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+
+    again = run_train([*TINY, "--max_train_steps", "4", "--output_dir", str(out)], check=False)
+    assert again.returncode != 0 and "--resume_from_checkpoint latest" in again.stderr
+    mismatch = run_train(
+        [*TINY, "--max_train_steps", "6", "--output_dir", str(out), "--resume_from_checkpoint", "latest",
+         "--config_overrides", "n_layer=3"],
+        check=False,
+    )  # fmt: skip
+    assert mismatch.returncode != 0 and "different model configuration (n_layer" in mismatch.stderr
+    missing = run_train([*TINY, "--output_dir", str(out), "--resume_from_checkpoint", str(tmp_path)], check=False)
+    assert missing.returncode != 0 and "not a complete checkpoint" in missing.stderr
+    after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert after == before
