@@ -57,3 +57,19 @@ __all__ += [
     "load_corpus",
     "tokenize_to_array",
 ]
+
+# --- legacy transformers 4.x `transfo-xl` checkpoints (legacy.py) ---
+from .legacy import TxlLegacyConfig, TxlLegacyForCausalLM, TxlLegacyModel  # noqa: E402
+from .modeling_txl import TxlAdaptiveEmbedding, TxlAdaptiveLogSoftmax  # noqa: E402
+
+AutoConfig.register(TxlLegacyConfig.model_type, TxlLegacyConfig, exist_ok=True)
+AutoModel.register(TxlLegacyConfig, TxlLegacyModel, exist_ok=True)
+AutoModelForCausalLM.register(TxlLegacyConfig, TxlLegacyForCausalLM, exist_ok=True)
+
+__all__ += [
+    "TxlAdaptiveEmbedding",
+    "TxlAdaptiveLogSoftmax",
+    "TxlLegacyConfig",
+    "TxlLegacyForCausalLM",
+    "TxlLegacyModel",
+]

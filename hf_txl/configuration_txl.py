@@ -50,6 +50,27 @@ class TxlConfig(PretrainedConfig):
         tie_word_embeddings: share the input embedding matrix with the output projection.
         layer_norm_epsilon: LayerNorm epsilon.
         init_std: standard deviation of the normal initialisation of weights, embeddings, u and v.
+        cutoffs: boundaries of the adaptive input / adaptive softmax clusters (Baevski & Auli 2019; Grave et al.
+            2017), for word-level vocabularies. ``[c_1, ..., c_n]`` splits the vocabulary (sorted by frequency)
+            into a head ``[0, c_1)`` and tails ``[c_i, c_{i+1})`` (the last ends at ``vocab_size``). Empty (the
+            default): one embedding matrix and one full softmax.
+        div_val: cluster i embeds its tokens in ``d_embed // div_val**i`` dimensions, projected to ``d_model``
+            (``1``: every cluster uses ``d_embed``; then one matrix is shared and sliced by the clusters).
+        d_embed: width of the (head) embeddings; ``None`` means ``d_model``. With ``d_embed != d_model`` or
+            ``div_val > 1`` the embeddings are projected to ``d_model`` (and the hidden state back for the softmax).
+        proj_share_all_but_first: the softmax projections of the tail clusters reuse the input-embedding
+            projections (the head cluster keeps its own), as in the original code. The cluster weights themselves
+            are shared with the input embeddings when ``tie_word_embeddings`` is set.
+        legacy_zero_mems: start the first segment (``mems=None``) from ``mem_len`` zero vectors that **are**
+            attended to, as the transformers 4.x ``transfo-xl`` port did, instead of the original code's empty
+            memory. The zero keys still receive attention weight, so outputs differ from an empty memory on the
+            first segment and, through the memory, after it (0.3 to 1.8 in log-probability on the random test
+            models; about 1e-2 reported for trained ones). Set for checkpoints converted
+            from transformers 4.x so that their outputs match from the first segment; leave it off otherwise.
+
+    With any of ``cutoffs``, ``div_val > 1`` or ``d_embed != d_model`` the model uses an adaptive embedding and an
+    adaptive log-softmax (:meth:`uses_adaptive`); ``TxlForCausalLM`` then returns **log-probabilities** (the full
+    ``[B, T, V]`` matrix is materialised) in ``logits``.
     """
 
     model_type = "hf_txl"
@@ -79,6 +100,11 @@ class TxlConfig(PretrainedConfig):
         tie_word_embeddings: bool = True,
         layer_norm_epsilon: float = 1e-5,
         init_std: float = 0.02,
+        cutoffs: list[int] | None = None,
+        div_val: int = 1,
+        d_embed: int | None = None,
+        proj_share_all_but_first: bool = False,
+        legacy_zero_mems: bool = False,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -96,6 +122,11 @@ class TxlConfig(PretrainedConfig):
         self.untie_r = untie_r
         self.layer_norm_epsilon = layer_norm_epsilon
         self.init_std = init_std
+        self.cutoffs = list(cutoffs) if cutoffs is not None else []
+        self.div_val = div_val
+        self.d_embed = d_embed
+        self.proj_share_all_but_first = proj_share_all_but_first
+        self.legacy_zero_mems = legacy_zero_mems
         self.validate_txl()
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
@@ -122,6 +153,37 @@ class TxlConfig(PretrainedConfig):
             raise ValueError(f"TxlConfig: `layer_norm_epsilon` must be > 0, got {self.layer_norm_epsilon!r}.")
         if not isinstance(self.init_std, (int, float)) or self.init_std <= 0:
             raise ValueError(f"TxlConfig: `init_std` must be > 0, got {self.init_std!r}.")
+        self._validate_adaptive()
+
+    def _validate_adaptive(self) -> None:
+        _check_positive_int("div_val", self.div_val)
+        if self.d_embed is not None:
+            _check_positive_int("d_embed", self.d_embed)
+        cutoffs = self.cutoffs
+        if not all(isinstance(c, int) and not isinstance(c, bool) for c in cutoffs) or any(
+            not a < b for a, b in zip([0, *cutoffs], [*cutoffs, self.vocab_size])
+        ):
+            raise ValueError(
+                f"TxlConfig: `cutoffs` must be strictly increasing integers in (0, vocab_size={self.vocab_size}), "
+                f"got {cutoffs!r}."
+            )
+        if self.embed_dim() // self.div_val ** len(cutoffs) < 1:
+            raise ValueError(
+                f"TxlConfig: with `div_val={self.div_val}` the last of the {len(cutoffs) + 1} clusters would embed "
+                f"in d_embed // div_val**{len(cutoffs)} = 0 dimensions; raise `d_embed` ({self.embed_dim()}) or lower "
+                "`div_val`."
+            )
+        for name in ("proj_share_all_but_first", "legacy_zero_mems"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TxlConfig: `{name}` must be a bool, got {getattr(self, name)!r}.")
+
+    def embed_dim(self) -> int:
+        """Width of the (head cluster's) embeddings: ``d_embed``, or ``d_model`` when it is None."""
+        return self.d_model if self.d_embed is None else self.d_embed
+
+    def uses_adaptive(self) -> bool:
+        """Adaptive embedding + adaptive log-softmax (clusters or projections) instead of one matrix each."""
+        return bool(self.cutoffs) or self.div_val != 1 or self.embed_dim() != self.d_model
 
 
 __all__ = ["TxlConfig"]
