@@ -17,11 +17,13 @@ saving leaves the previous checkpoint untouched and loadable.
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import json
-import math
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -43,10 +45,38 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 # ----------------------------------------------------------------------------------------------------
 
 
+#: The ``evaluate`` metric module (shipped as package data): ``evaluate.load(METRIC_PATH)`` works offline.
+METRIC_PATH = str(Path(__file__).parent / "metrics" / "txl_lm")
+
+
+@functools.cache
+def load_metric():
+    """The ``txl_lm`` evaluate metric, loaded once per process from the package (no network, no cache files)."""
+    return _import_evaluate_library().load(METRIC_PATH, keep_in_memory=True)
+
+
+def _import_evaluate_library():
+    """The ``evaluate`` library, even when a folder holding a script named evaluate.py (this project's
+    ``scripts/``) is first on ``sys.path``, as it is for ``python scripts/train.py``."""
+    module = sys.modules.get("evaluate")
+    if module is not None and hasattr(module, "load"):
+        return module
+    sys.modules.pop("evaluate", None)
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if not (Path(p or ".") / "evaluate.py").is_file()]
+    try:
+        return importlib.import_module("evaluate")
+    finally:
+        sys.path[:] = saved
+
+
 def lm_metrics(nll_sum: float, num_tokens: int) -> dict[str, float]:
-    """Mean loss (nats/token), bits per token (loss / ln 2) and perplexity (exp loss)."""
-    loss = nll_sum / max(num_tokens, 1)
-    return {"loss": loss, "bpc": loss / math.log(2), "perplexity": math.exp(min(loss, 700.0))}
+    """Mean loss (nats/token), bits per token (loss / ln 2) and perplexity (exp loss), computed by the
+    ``txl_lm`` metric module from a summed loss over ``num_tokens`` tokens."""
+    metric = load_metric()
+    metric.add_batch(losses=[float(nll_sum)], num_tokens=[int(num_tokens)])
+    figures = metric.compute()
+    return {name: figures[name] for name in ("loss", "bpc", "perplexity")}
 
 
 @contextlib.contextmanager
@@ -85,7 +115,8 @@ def evaluate_stream(
     The stream is cut into ``batch_size x num_processes`` contiguous rows (each process evaluates its own);
     every input position is scored once against the next token of the stream (only the very last token of
     the stream, and the tail that does not fill a row, go unscored). Totals are summed over processes.
-    Returns ``loss``, ``bpc``, ``perplexity``, ``tokens``, ``seconds`` and ``tokens_per_s``.
+    Returns ``loss``, ``bpc``, ``perplexity`` (from the ``txl_lm`` metric, once, after the sums of all
+    processes are reduced), ``tokens``, ``seconds`` and ``tokens_per_s``.
     """
     unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
     device = accelerator.device if accelerator is not None else next(unwrapped.parameters()).device

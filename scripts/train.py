@@ -32,6 +32,8 @@ from transformers import get_scheduler
 import hf_txl
 from hf_txl import TxlCharTokenizer, TxlConfig, TxlForCausalLM
 from hf_txl.data import StreamBatcher, load_corpus, tokenize_to_array
+from hf_txl.hub import HubPushError, push_model_dir
+from hf_txl.model_card import write_model_card
 from hf_txl.presets import DEFAULT_PRESET, PRESETS, get_preset
 from hf_txl.training import (
     CHECKPOINTS,
@@ -436,7 +438,8 @@ def check_resume_config(path: Path, config: TxlConfig) -> None:
 
 
 def export(args, accelerator, model, tokenizer, metrics, step) -> None:
-    """Write the final model directory: weights, config, generation config, tokenizer, code files, results."""
+    """Write the final model directory: weights, config, generation config, tokenizer, code files, results,
+    the model card (README.md) and its loss curve; then push it to the Hub when asked."""
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)  # torch.compile wrapper
@@ -450,11 +453,16 @@ def export(args, accelerator, model, tokenizer, metrics, step) -> None:
         plain_args["command"] = "accelerate launch scripts/train.py " + " ".join(sys.argv[1:])
         plain_args["hf_txl_version"] = hf_txl.__version__
         Path(args.output_dir, "training_args.json").write_text(json.dumps(plain_args, indent=2))
-        accelerator.print(f"Model written to {args.output_dir}")
+        write_model_card(args.output_dir, repo_id=args.hub_model_id)
+        accelerator.print(f"Model written to {args.output_dir} (model card: README.md)")
         if args.push_to_hub:
-            from hf_txl.hub import push_model_dir
-
-            push_model_dir(args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo)
+            try:
+                url = push_model_dir(
+                    args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo
+                )
+            except (HubPushError, ValueError) as error:
+                fail(f"{error} The trained model is saved in {args.output_dir}.")
+            accelerator.print(f"Pushed to https://huggingface.co/{args.hub_model_id} ({url})")
     accelerator.wait_for_everyone()
 
 

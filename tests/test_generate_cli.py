@@ -1,0 +1,114 @@
+"""scripts/generate.py (sampling controls, per-character streaming, unknown characters) and the
+text-generation pipeline, with hf_txl and (trust_remote_code) without it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_evaluate import load_script, make_model_dir
+
+from hf_txl.data import DEFAULT_CORPUS_PATH
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    make_model_dir(path, Path(DEFAULT_CORPUS_PATH).read_text()[:5000])
+    return path
+
+
+@pytest.fixture(scope="module")
+def generate():
+    return load_script("generate")
+
+
+def test_greedy_output_streams_character_by_character_and_equals_generate(model_dir, generate, capsys, monkeypatch):
+    chunks = []
+    original = generate.CharStreamer.on_finalized_text
+
+    def record(self, text, stream_end=False):
+        chunks.append(text)
+        original(self, text, stream_end)
+
+    monkeypatch.setattr(generate.CharStreamer, "on_finalized_text", record)
+    text = generate.main([str(model_dir), "--prompt", "ROMEO:", "--max_new_tokens", "12", "--greedy"])
+    printed = capsys.readouterr().out
+    assert printed == text + "\n"
+    generated_chunks = [c for c in chunks[1:] if c]
+    assert len(generated_chunks) == 12 and all(len(c) <= 5 for c in generated_chunks)  # one token ("<pad>" is 5)
+
+    model, tokenizer = generate.load_model_and_tokenizer(model_dir)
+    ids = tokenizer("ROMEO:", return_tensors="pt")
+    expected = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert text == tokenizer.decode(expected[0])
+
+
+def test_sampling_controls_are_seeded(model_dir, generate, capsys):
+    args = [str(model_dir), "--prompt", "ROMEO:", "--max_new_tokens", "20", "--temperature", "0.7", "--top_k", "5",
+            "--top_p", "0.9", "--no_stream"]  # fmt: skip
+    first = generate.main([*args, "--seed", "1"])
+    assert generate.main([*args, "--seed", "1"]) == first
+    assert generate.main([*args, "--seed", "2"]) != first
+    assert capsys.readouterr().out.count("ROMEO:") == 3
+
+
+def test_unknown_prompt_characters_warn_and_map_to_unk(model_dir, generate, capsys):
+    text = generate.main([str(model_dir), "--prompt", "ROMEO é€", "--max_new_tokens", "3", "--no_stream"])
+    err = capsys.readouterr().err
+    assert "2 character(s) of the prompt are not in the model's vocabulary" in err and "'é'" in err
+    assert text.startswith("ROMEO <unk><unk>")
+
+
+def test_bad_input(tmp_path, model_dir, generate):
+    with pytest.raises(SystemExit, match="not a model directory"):
+        generate.main([str(tmp_path), "--prompt", "a"])
+    (tmp_path / "m").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / "m" / name).write_bytes((model_dir / name).read_bytes())
+    with pytest.raises(SystemExit, match="tokenizer is missing"):
+        generate.main([str(tmp_path / "m"), "--prompt", "a"])
+    with pytest.raises(SystemExit, match="--prompt is empty"):
+        generate.main([str(model_dir), "--prompt", ""])
+    with pytest.raises(SystemExit, match="--temperature must be > 0"):
+        generate.main([str(model_dir), "--temperature", "0"])
+
+
+def test_pipeline_after_import_hf_txl(model_dir):
+    from transformers import pipeline
+
+    import hf_txl  # noqa: F401
+
+    generator = pipeline("text-generation", model=str(model_dir))
+    out = generator("ROMEO:", max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    model, tokenizer = load_script("generate").load_model_and_tokenizer(model_dir)
+    expected = model.generate(**tokenizer("ROMEO:", return_tensors="pt"), max_new_tokens=8, do_sample=False)
+    assert out == tokenizer.decode(expected[0])
+
+
+PIPELINE_WITHOUT_HF_TXL = """
+import sys
+sys.modules["hf_txl"] = None  # hf_txl cannot be imported: only the code stored in the model directory can run
+import json
+from transformers import pipeline
+generator = pipeline("text-generation", model=sys.argv[1], trust_remote_code=True)
+out = generator("ROMEO:", max_new_tokens=8, do_sample=False)[0]["generated_text"]
+print(json.dumps({"text": out, "module": type(generator.model).__module__}))
+"""
+
+
+def test_pipeline_with_trust_remote_code_where_hf_txl_is_not_importable(tmp_path, model_dir):
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HF_HUB_OFFLINE": "1",
+           "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HOME": str(tmp_path / "home")}  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", PIPELINE_WITHOUT_HF_TXL, str(model_dir)], capture_output=True,
+                            text=True, cwd=tmp_path, env=env, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = json.loads(result.stdout.strip().splitlines()[-1])
+    assert remote["module"].startswith("transformers_modules")
+    model, tokenizer = load_script("generate").load_model_and_tokenizer(model_dir)
+    with torch.no_grad():
+        expected = model.generate(**tokenizer("ROMEO:", return_tensors="pt"), max_new_tokens=8, do_sample=False)
+    assert remote["text"] == tokenizer.decode(expected[0])
