@@ -20,11 +20,11 @@ PRESETS: dict[str, dict[str, dict]] = {
     },
     # The README's main job: Tiny Shakespeare, characters, a few minutes on 2 CPU cores.
     "shakespeare": {
-        "model": dict(d_model=192, n_layer=4, n_head=4, d_head=48, d_inner=768, dropout=0.1, dropatt=0.0),
+        "model": dict(d_model=192, n_layer=4, n_head=4, d_head=48, d_inner=768, dropout=0.0, dropatt=0.0),
         "train": dict(
-            tgt_len=64, mem_len=64, eval_tgt_len=64, eval_mem_len=192, per_device_train_batch_size=16,
+            tgt_len=64, mem_len=64, eval_tgt_len=64, eval_mem_len=128, per_device_train_batch_size=16,
             per_device_eval_batch_size=16, learning_rate=2e-3, max_train_steps=1500, num_warmup_steps=100,
-            eval_steps=0, max_eval_steps=0, clamp_len=-1, weight_decay=0.01,
+            eval_steps=0, max_eval_steps=0, clamp_len=-1, weight_decay=0.01, adam_beta2=0.99,
         ),
     },
     # The paper's enwik8 base model (12L, 512, 8x64, 2048; tgt 512, mem 512; eval tgt 80, mem 2100, clamp 820).

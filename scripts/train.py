@@ -89,6 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--per_device_eval_batch_size", type=int)
     train.add_argument("--learning_rate", type=float)
     train.add_argument("--weight_decay", type=float)
+    train.add_argument("--adam_beta1", type=float)
+    train.add_argument("--adam_beta2", type=float)
     train.add_argument("--num_train_epochs", type=float, help="Used when --max_train_steps is not given.")
     train.add_argument("--max_train_steps", type=int, help="Optimizer steps (overrides --num_train_epochs).")
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -120,8 +122,8 @@ def apply_preset(args: argparse.Namespace) -> None:
     """Fill every flag left unset from the preset's training defaults."""
     preset = get_preset(args.preset)
     defaults = dict(
-        weight_decay=0.0, num_train_epochs=None, max_grad_norm=1.0, eval_steps=0, max_eval_steps=0,
-        eval_clamp_len=None, eval_same_length=False,
+        weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, num_train_epochs=None, max_grad_norm=1.0,
+        eval_steps=0, max_eval_steps=0, eval_clamp_len=None, eval_same_length=False,
     )  # fmt: skip
     defaults.update(preset["train"])
     for name, value in defaults.items():
@@ -269,7 +271,7 @@ def make_optimizer(model, args):
         skip = param.dim() < 2 or "word_emb" in name or "r_w_bias" in name or "r_r_bias" in name
         (no_decay if skip else decay).append(param)
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.learning_rate)
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2))
 
 
 # ----------------------------------------------------------------------------------------------------
