@@ -62,13 +62,35 @@ class TxlMems(Sequence):
     (``padding_mask``: ``[B, M]`` bool, ``True`` for a real token; ``None`` when every position is real),
     so that left-padded prompts stay masked after they moved into the memory.
 
-    Pass ``outputs.mems`` back as ``mems=`` to continue the recurrence. A plain list or tuple of tensors is
-    accepted as well (every position is then taken as a real token).
+    Inference caches (filled only when no gradient is needed and the model is in eval mode, e.g. in
+    ``generate()`` or an evaluation loop; ignored otherwise, so training is unaffected):
+
+    * ``kv``: per layer, the projected keys and values ``[B, M, 2 * H * D]`` of the memory positions. They
+      depend only on the memory's hidden states and the layer's weights, so the next segment reuses them
+      instead of projecting the memory again; truncated to ``mem_len`` together with the hidden states.
+    * ``r_head``: per layer, ``W_{k,R} R_p`` ``[K', H * D]`` for distances ``K'-1 .. 0``; it depends only on
+      the distance, the weights and ``clamp_len``, so any shorter key length reads its last rows.
+
+    ``cache_key`` records what the caches were computed with (weight versions, dtype, autocast state,
+    ``clamp_len``); a model whose key differs recomputes them. Pass ``outputs.mems`` back as ``mems=`` to
+    continue the recurrence. A plain list or tuple of tensors is accepted as well (every position is then
+    taken as a real token).
     """
 
-    def __init__(self, hidden: Sequence[torch.Tensor], padding_mask: torch.Tensor | None = None):
+    def __init__(
+        self,
+        hidden: Sequence[torch.Tensor],
+        padding_mask: torch.Tensor | None = None,
+        *,
+        kv: Sequence[torch.Tensor] | None = None,
+        r_head: Sequence[torch.Tensor] | None = None,
+        cache_key: tuple | None = None,
+    ):
         self.hidden = tuple(hidden)
         self.padding_mask = padding_mask
+        self.kv = None if kv is None else tuple(kv)
+        self.r_head = None if r_head is None else tuple(r_head)
+        self.cache_key = cache_key
 
     def __getitem__(self, index):
         return self.hidden[index]
@@ -78,7 +100,8 @@ class TxlMems(Sequence):
 
     def __repr__(self) -> str:
         shape = tuple(self.hidden[0].shape) if self.hidden else ()
-        return f"TxlMems(n_layer={len(self)}, shape={shape}, padded={self.padding_mask is not None})"
+        cached = self.kv is not None
+        return f"TxlMems(n_layer={len(self)}, shape={shape}, padded={self.padding_mask is not None}, cached={cached})"
 
     @property
     def mem_len(self) -> int:
@@ -89,27 +112,39 @@ class TxlMems(Sequence):
     def batch_size(self) -> int:
         return self.hidden[0].shape[0]
 
+    def _with(self, hidden, mask, kv) -> TxlMems:
+        return TxlMems(hidden, mask, kv=kv, r_head=self.r_head, cache_key=self.cache_key)
+
     def index_select(self, index: torch.Tensor) -> TxlMems:
         """A new memory keeping batch rows ``index`` (beam search reorders its beams with this)."""
         hidden = [h.index_select(0, index.to(h.device)) for h in self.hidden]
-        mask = None if self.padding_mask is None else self.padding_mask.index_select(0, index)
-        return TxlMems(hidden, mask)
+        mask = None if self.padding_mask is None else self.padding_mask.index_select(0, index.to(hidden[0].device))
+        kv = None if self.kv is None else [c.index_select(0, index.to(c.device)) for c in self.kv]
+        return self._with(hidden, mask, kv)
 
     def repeat_interleave(self, repeats: int) -> TxlMems:
         """Repeat every batch row ``repeats`` times (``num_return_sequences`` / ``num_beams`` expansion)."""
         hidden = [h.repeat_interleave(repeats, dim=0) for h in self.hidden]
         mask = None if self.padding_mask is None else self.padding_mask.repeat_interleave(repeats, dim=0)
-        return TxlMems(hidden, mask)
+        kv = None if self.kv is None else [c.repeat_interleave(repeats, dim=0) for c in self.kv]
+        return self._with(hidden, mask, kv)
 
     def to(self, *args, **kwargs) -> TxlMems:
+        """Move / convert the hidden states. The caches are kept when neither device nor dtype change, and
+        dropped otherwise (the model recomputes them on the next call)."""
         hidden = [h.to(*args, **kwargs) for h in self.hidden]
         mask = None
         if self.padding_mask is not None:
             mask = self.padding_mask.to(device=hidden[0].device)
-        return TxlMems(hidden, mask)
+        same = hidden[0].dtype == self.hidden[0].dtype and hidden[0].device == self.hidden[0].device
+        return self._with(hidden, mask, self.kv) if same else TxlMems(hidden, mask)
 
     def detach(self) -> TxlMems:
-        return TxlMems([h.detach() for h in self.hidden], self.padding_mask)
+        return self._with([h.detach() for h in self.hidden], self.padding_mask, self.kv)
+
+    def without_cache(self) -> TxlMems:
+        """The same memory without the inference caches."""
+        return TxlMems(self.hidden, self.padding_mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -194,22 +229,68 @@ def eager_rel_attention(q, k, v, position_scores, allowed, *, u, scale, dropout_
     return torch.matmul(probs, v), probs  # [B, H, T, D]
 
 
-def sdpa_rel_attention(q, k, v, position_scores, allowed, *, u, scale, dropout_p, training):
-    """Same maths through ``F.scaled_dot_product_attention``: the scaled position term BD / sqrt(D) plus the
-    mask enter as an additive float ``attn_mask``. Same arguments as :func:`eager_rel_attention`."""
-    bias = (position_scores * scale).masked_fill(~allowed[:, None], torch.finfo(position_scores.dtype).min)
-    out = F.scaled_dot_product_attention(
-        q + u[:, None, :],
-        k,
-        v,
-        attn_mask=bias.to(q.dtype),
-        dropout_p=dropout_p if training else 0.0,
-        scale=scale,
-    )
-    return out, None
+class _ShiftedView(torch.autograd.Function):
+    """The rel-shift of a position term computed with a leading zero column, as a view (see
+    :func:`fused_rel_attention`); its backward writes the gradient back into the padded layout with one copy
+    (autograd's generic slice backward would zero the whole padded tensor first)."""
+
+    @staticmethod
+    def forward(ctx, padded):  # [B, H, T, K+1], column 0 zero
+        batch, n_head, qlen, klen_1 = padded.shape
+        ctx.shape = padded.shape
+        return padded.view(batch, n_head, klen_1, qlen)[:, :, 1:].view(batch, n_head, qlen, klen_1 - 1)
+
+    @staticmethod
+    def backward(ctx, grad):  # [B, H, T, K]
+        batch, n_head, qlen, klen_1 = ctx.shape
+        out = grad.new_empty(batch, n_head, qlen * klen_1)
+        out[..., :qlen].zero_()  # the padding column's T entries, wrapped to the front
+        out[..., qlen:].view(batch, n_head, qlen, klen_1 - 1).copy_(grad)
+        return out.view(ctx.shape)
 
 
-ATTENTION_FUNCTIONS = {"eager": eager_rel_attention, "sdpa": sdpa_rel_attention}
+def _shifted_view(padded: torch.Tensor) -> torch.Tensor:
+    """``padded`` ``[B, H, T, K+1]`` whose column 0 is zero -> the rel-shifted ``[B, H, T, K]`` (equal to
+    :func:`rel_shift` of columns ``1..K``), without a copy."""
+    return _ShiftedView.apply(padded)
+
+
+def fused_rel_attention(q, k, v, r_head, allowed, *, u, v_bias, scale, dropout_p, training):
+    """The fast path (``attn_implementation="sdpa"``): the maths of :func:`eager_rel_attention` with fewer passes
+    over the ``[B, H, T, K]`` score tensors.
+
+    * The rel-shift costs no copy: the position projection gets a zero column in front (``r_pad`` ``[H, D, K+1]``),
+      so the matmul itself writes the padded ``[T, K+1]`` rows of :func:`rel_shift`, and the shift is a view.
+    * The scale 1/sqrt(D) is folded into the (small) position projection and into the ``baddbmm``'s alpha.
+    * The mask is applied once, to the position term, which then is the additive ``attn_mask`` of SDPA (no
+      gradient needed: CPU/GPU fused kernels) or the accumulator of one ``baddbmm`` that adds the content term
+      (training: SDPA cannot return a gradient for its mask, and its math fallback is slower than this).
+
+    q ``[B, H, T, D]``, k and v ``[B, H, K, D]``, r_head ``[K, H*D]`` (W_{k,R} R for distances K-1 .. 0),
+    allowed ``[B|1, T, K]`` bool, u and v_bias ``[H, D]``. Returns the attention output ``[B, H, T, D]`` and None.
+    """
+    batch, n_head, qlen, d_head = q.shape
+    klen = k.shape[2]
+    r_k = r_head.view(klen, n_head, d_head).permute(1, 2, 0)  # [H, D, K]
+    if qlen == 1:  # one query (a generation step) at distance K-1-j from key j: no shift, nothing to pad
+        position = torch.matmul((q + v_bias[:, None, :]) * scale, r_k)  # [B, H, 1, K], scaled
+    else:
+        r_pad = F.pad(r_k * scale, (1, 0))  # [H, D, K+1], column 0 zero
+        position = torch.matmul(q + v_bias[:, None, :], r_pad)  # [B, H, T, K+1], scaled
+        position = _shifted_view(position)  # [B, H, T, K]: the rel-shift, a view
+    bias = position.masked_fill(~allowed[:, None], torch.finfo(position.dtype).min)  # [B, H, T, K]
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or r_head.requires_grad)
+    if not needs_grad and not (training and dropout_p > 0):
+        out = F.scaled_dot_product_attention(q + u[:, None, :], k, v, attn_mask=bias, scale=scale)
+        return out, None
+    content_q = (q + u[:, None, :]).reshape(batch * n_head, qlen, d_head)  # [B*H, T, D]
+    keys = k.reshape(batch * n_head, klen, d_head).transpose(1, 2)  # [B*H, D, K]
+    # AC * scale + (BD * scale, masked) in one GEMM that accumulates into the position term.
+    scores = torch.baddbmm(bias.view(batch * n_head, qlen, klen), content_q, keys, alpha=scale)  # [B*H, T, K]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    probs = F.dropout(probs, p=dropout_p, training=training)
+    out = torch.bmm(probs, v.reshape(batch * n_head, klen, d_head))  # [B*H, T, D]
+    return out.view(batch, n_head, qlen, d_head), None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -240,33 +321,52 @@ class TxlRelAttention(nn.Module):
             self.r_w_bias = nn.Parameter(torch.zeros(config.n_head, config.d_head))  # u
             self.r_r_bias = nn.Parameter(torch.zeros(config.n_head, config.d_head))  # v
 
-    def forward(self, hidden, mem, pos_emb, allowed, r_w_bias, r_r_bias, output_attentions=False):
-        """hidden ``[B, T, d]``, mem ``[B, M, d]`` or None, pos_emb ``[K, d]``, allowed ``[B|1, T, K]``."""
-        batch, qlen, _ = hidden.shape
-        cat = hidden if mem is None else torch.cat([mem, hidden], dim=1)  # [B, K, d]
-        klen = cat.shape[1]
-        if self.pre_lnorm:
-            cat = self.layer_norm(cat)
-        inner = self.n_head * self.d_head
-        w_q, w_kv = self.qkv_proj.weight.split([inner, 2 * inner], dim=0)
-        q = F.linear(cat[:, -qlen:], w_q)  # [B, T, H*D]
-        k, v = F.linear(cat, w_kv).chunk(2, dim=-1)  # [B, K, H*D] each
-        q = q.view(batch, qlen, self.n_head, self.d_head).transpose(1, 2)  # [B, H, T, D]
-        k = k.view(batch, klen, self.n_head, self.d_head).transpose(1, 2)  # [B, H, K, D]
-        v = v.view(batch, klen, self.n_head, self.d_head).transpose(1, 2)  # [B, H, K, D]
-        r_k = self.r_proj(pos_emb).view(klen, self.n_head, self.d_head).permute(1, 2, 0)  # [H, D, K]
+    def forward(
+        self, hidden, mem, pos_emb, allowed, r_w_bias, r_r_bias, output_attentions=False,
+        mem_kv=None, r_head=None, kv_sink=None,
+    ):  # fmt: skip
+        """hidden ``[B, T, d]``, mem ``[B, M, d]`` or None, pos_emb ``[K, d]`` (None when ``r_head`` is given),
+        allowed ``[B|1, T, K]``.
 
-        # BD(i, c) = (q_i + v)·W_{k,R} R_{K-1-c}, then realigned so column j is key j.
-        position_scores = rel_shift(torch.matmul(q + r_r_bias[:, None, :], r_k))  # [B, H, T, K]
+        Inference caches (see :class:`TxlMems`): ``mem_kv`` ``[B, M, 2*H*D]`` replaces the projection of ``mem``,
+        ``r_head`` ``[K, H*D]`` replaces ``r_proj(pos_emb)``; when ``kv_sink`` is a list the keys and values of all
+        K positions ``[B, K, 2*H*D]`` are appended to it. Returns the output ``[B, T, d]`` and the attention
+        probabilities (eager path with ``output_attentions``) or None.
+        """
+        batch, qlen, _ = hidden.shape
+        inner = self.n_head * self.d_head
+        x = self.layer_norm(hidden) if self.pre_lnorm else hidden
+        q, kv = self.qkv_proj(x).split([inner, 2 * inner], dim=-1)  # [B, T, H*D], [B, T, 2*H*D]
+        # The memory is projected apart from the segment: it needs no input gradient (it is detached), and the
+        # projection can be cached during inference.
+        if mem_kv is None and mem is not None:
+            w_kv = self.qkv_proj.weight[inner:]
+            mem_kv = F.linear(self.layer_norm(mem) if self.pre_lnorm else mem, w_kv)  # [B, M, 2*H*D]
+        if mem_kv is not None:
+            kv = torch.cat([mem_kv, kv], dim=1)  # [B, K, 2*H*D]
+        if kv_sink is not None:
+            kv_sink.append(kv)
+        klen = kv.shape[1]
+        k, v = kv.view(batch, klen, 2, self.n_head, self.d_head).unbind(2)  # [B, K, H, D] each
+        q = q.view(batch, qlen, self.n_head, self.d_head).transpose(1, 2)  # [B, H, T, D]
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, H, K, D]
+        if r_head is None:
+            r_head = self.r_proj(pos_emb)  # [K, H*D]
 
         implementation = self.config._attn_implementation or "eager"
-        if output_attentions:
-            implementation = "eager"  # only the eager path materialises the probabilities
-        attention = ATTENTION_FUNCTIONS.get(implementation, eager_rel_attention)
-        out, probs = attention(
-            q, k, v, position_scores, allowed,
-            u=r_w_bias, scale=self.scaling, dropout_p=self.config.dropatt, training=self.training,
-        )  # fmt: skip
+        if output_attentions or implementation != "sdpa":  # the eager reference (it alone returns probabilities)
+            r_k = r_head.view(klen, self.n_head, self.d_head).permute(1, 2, 0)  # [H, D, K]
+            # BD(i, c) = (q_i + v)·W_{k,R} R_{K-1-c}, then realigned so column j is key j.
+            position_scores = rel_shift(torch.matmul(q + r_r_bias[:, None, :], r_k))  # [B, H, T, K]
+            out, probs = eager_rel_attention(
+                q, k, v, position_scores, allowed,
+                u=r_w_bias, scale=self.scaling, dropout_p=self.config.dropatt, training=self.training,
+            )  # fmt: skip
+        else:
+            out, probs = fused_rel_attention(
+                q, k, v, r_head, allowed,
+                u=r_w_bias, v_bias=r_r_bias, scale=self.scaling, dropout_p=self.config.dropatt, training=self.training,
+            )  # fmt: skip
         out = out.transpose(1, 2).reshape(batch, qlen, inner)  # [B, T, H*D]
         out = self.drop(self.o_proj(out))
         out = hidden + out if self.pre_lnorm else self.layer_norm(hidden + out)
@@ -298,8 +398,10 @@ class TxlLayer(nn.Module):
         self.attn = TxlRelAttention(config)
         self.ff = TxlFeedForward(config)
 
-    def forward(self, hidden, mem, pos_emb, allowed, r_w_bias, r_r_bias, output_attentions=False):
-        hidden, probs = self.attn(hidden, mem, pos_emb, allowed, r_w_bias, r_r_bias, output_attentions)
+    def forward(self, hidden, mem, pos_emb, allowed, r_w_bias, r_r_bias, output_attentions=False, *caches):
+        """``caches``: ``mem_kv, r_head, kv_sink`` of :meth:`TxlRelAttention.forward` (positional arguments, as
+        gradient checkpointing passes them)."""
+        hidden, probs = self.attn(hidden, mem, pos_emb, allowed, r_w_bias, r_r_bias, output_attentions, *caches)
         return self.ff(hidden), probs
 
 
@@ -614,7 +716,10 @@ def _check_inputs(config, input_ids, inputs_embeds, attention_mask):
                 f"`input_ids` must be batch-first [batch, seq_len], got shape {tuple(input_ids.shape)}; "
                 "add a batch dimension with `input_ids[None]`."
             )
-        if input_ids.numel():
+        # A readable error for ids outside the vocabulary (on an accelerator the embedding would only raise a device
+        # assert). Costs one small synchronisation per forward; skipped under torch.compile, where it would break the
+        # graph.
+        if input_ids.numel() and not torch.compiler.is_compiling():
             low, high = torch.aminmax(input_ids)
             if low.item() < 0 or high.item() >= config.vocab_size:
                 raise ValueError(
@@ -752,13 +857,31 @@ class TxlModel(TxlPreTrainedModel):
             self_key = F.pad(diagonal, (mlen, 0))[None]  # [1, T, K]
             allowed = (allowed & key_is_real[:, None, :]) | self_key  # [B, T, K]
 
-        pos_emb = sinusoid_position_embedding(
-            klen, config.d_model, config.clamp_len, device=hidden.device, dtype=hidden.dtype
-        )
-        pos_emb = self.drop(pos_emb)  # [K, d]
+        # Inference caches (TxlMems.kv / r_head): only without gradients and in eval mode.
+        cache_key = self._inference_cache_key(hidden) if use_cache else None
+        mem_kvs, r_heads, cache_klen = [None] * config.n_layer, None, klen
+        if cache_key is not None:
+            fresh = mems is not None and mems.cache_key == cache_key
+            if fresh and mems.kv is not None and tuple(mems.kv[0].shape[:2]) == (batch, mlen):
+                mem_kvs = list(mems.kv)
+            if fresh and mems.r_head is not None and mems.r_head[0].shape[0] >= klen:
+                r_heads = list(mems.r_head)
+                cache_klen = r_heads[0].shape[0]
+            else:  # cover the longest key length of the next calls too (one step of generation: mem_len + 1)
+                cache_klen = max(klen, config.mem_len + qlen)
+
+        pos_emb = None  # not needed when every layer reads its projection from the cache
+        if r_heads is None:
+            pos_emb = sinusoid_position_embedding(
+                cache_klen, config.d_model, config.clamp_len, device=hidden.device, dtype=hidden.dtype
+            )
+            if cache_key is not None:
+                r_heads = [layer.attn.r_proj(pos_emb) for layer in self.layers]  # [K', H*D] each
+            pos_emb = self.drop(pos_emb[-klen:])  # [K, d]
         hidden = self.drop(hidden)
 
         layer_inputs, all_attentions = [], []
+        kv_sink = [] if cache_key is not None else None
         for index, layer in enumerate(self.layers):
             layer_inputs.append(hidden)
             mem = None if mems is None else mems[index]
@@ -768,13 +891,26 @@ class TxlModel(TxlPreTrainedModel):
                 hidden, probs = self._gradient_checkpointing_func(
                     layer.__call__, hidden, mem, pos_emb, allowed, r_w_bias, r_r_bias, output_attentions
                 )
+            elif cache_key is not None:
+                r_head = r_heads[index][-klen:]  # distances K-1 .. 0
+                hidden, probs = layer(
+                    hidden, mem, pos_emb, allowed, r_w_bias, r_r_bias, output_attentions, mem_kvs[index], r_head,
+                    kv_sink,
+                )  # fmt: skip
             else:
                 hidden, probs = layer(hidden, mem, pos_emb, allowed, r_w_bias, r_r_bias, output_attentions)
             if output_attentions:
                 all_attentions.append(probs)
         hidden = self.drop(hidden)
 
-        new_mems = self._update_mems(layer_inputs, mems, key_is_real) if use_cache else None
+        new_mems = None
+        if use_cache:
+            new_mems = self._update_mems(layer_inputs, mems, key_is_real)
+            if cache_key is not None:
+                mem_len = config.mem_len
+                new_mems.kv = tuple(kv[:, -mem_len:] for kv in kv_sink)  # truncated exactly as the hidden states
+                new_mems.r_head = tuple(r_heads)
+                new_mems.cache_key = cache_key
         hidden_states = tuple(layer_inputs) + (hidden,) if output_hidden_states else None
         attentions = tuple(all_attentions) if output_attentions else None
         if not return_dict:
@@ -783,13 +919,38 @@ class TxlModel(TxlPreTrainedModel):
             last_hidden_state=hidden, mems=new_mems, hidden_states=hidden_states, attentions=attentions
         )
 
-    @torch.no_grad()
+    def _inference_cache_key(self, hidden) -> tuple | None:
+        """What the inference caches depend on, or None when they must not be used (training, gradients).
+
+        The caches hold projections of the memory and of R, so they are valid for the same projection weights
+        (identity and in-place version: an optimizer step or ``load_state_dict`` invalidates them), dtype,
+        device, autocast state and ``clamp_len``.
+        """
+        if self.training or torch.is_grad_enabled():
+            return None
+        params = []
+        for layer in self.layers:
+            attn = layer.attn
+            params += [attn.qkv_proj.weight, attn.r_proj.weight]
+            if attn.pre_lnorm:
+                params += [attn.layer_norm.weight, attn.layer_norm.bias]
+        try:
+            versions = tuple((id(p), p._version) for p in params)
+        except RuntimeError:  # inference tensors (a model built under inference_mode) have no version counter
+            return None
+        device_type = hidden.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        autocast_dtype = torch.get_autocast_dtype(device_type) if autocast else None
+        return (versions, hidden.dtype, hidden.device, autocast, autocast_dtype, self.config.clamp_len)
+
     def _update_mems(self, layer_inputs, mems, key_is_real) -> TxlMems:
         """New memory of layer l: the last ``mem_len`` rows of ``[mems[l]; input of layer l]``, detached."""
         mem_len = self.config.mem_len
         hidden = []
         for index, current in enumerate(layer_inputs):
-            cat = current if mems is None else torch.cat([mems[index], current], dim=1)  # [B, K, d]
+            # When the segment alone fills the memory, keep a view of it (no copy).
+            fills = mems is None or current.shape[1] >= mem_len
+            cat = current if fills else torch.cat([mems[index], current], dim=1)  # [B, K, d]
             hidden.append(cat[:, -mem_len:].detach())
         mask = None if key_is_real is None else key_is_real[:, -mem_len:]
         return TxlMems(hidden, mask)

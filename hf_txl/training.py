@@ -96,7 +96,7 @@ def memory_settings(config, *, mem_len=None, clamp_len=None, same_length=None):
         config.mem_len, config.clamp_len, config.same_length = saved
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate_stream(
     model,
     tokens,
@@ -117,6 +117,9 @@ def evaluate_stream(
     the stream, and the tail that does not fill a row, go unscored). Totals are summed over processes.
     Returns ``loss``, ``bpc``, ``perplexity`` (from the ``txl_lm`` metric, once, after the sums of all
     processes are reduced), ``tokens``, ``seconds`` and ``tokens_per_s``.
+
+    Runs under ``torch.inference_mode`` (no autograd bookkeeping); without gradients and in eval mode the model
+    also reuses the projected keys and values of its memory from one segment to the next (see ``TxlMems``).
     """
     unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
     device = accelerator.device if accelerator is not None else next(unwrapped.parameters()).device

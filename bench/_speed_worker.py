@@ -1,0 +1,318 @@
+"""Timing worker of ``bench_speed.py``: one long-lived process per side, driven by JSON lines on stdin.
+
+Runs under the project's interpreter (side ``txl``: hf_txl) or under the reference virtual environment (side
+``ref``: transformers 4.35.2 ``TransfoXLLMHeadModel``); it imports nothing from hf_txl on the reference side.
+Every command answers one JSON line on stdout: timings of each step, and the peak resident memory above the
+idle process (sampled every 2 ms; the allocator is trimmed before each command).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+SIDE = sys.argv[1]  # "ref" or "txl"
+MODEL = None
+STATE = {}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak RSS above the RSS at entry (after gc and malloc_trim), sampled by a thread."""
+
+    def __enter__(self):
+        gc.collect()
+        with contextlib.suppress(OSError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        self.start = self.peak = rss_bytes()
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, rss_bytes())
+        self.mib = (self.peak - self.start) / 2**20
+        self.abs_mib = self.peak / 2**20
+
+
+def autocast(spec):
+    if spec == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------
+
+
+def build(args):
+    """(ref side) A random 4.35.2 model with a plain softmax, saved as safetensors."""
+    from transformers import TransfoXLConfig, TransfoXLLMHeadModel
+
+    torch.manual_seed(args["seed"])
+    c = args["config"]
+    config = TransfoXLConfig(
+        vocab_size=c["vocab_size"], cutoffs=[], d_model=c["d_model"], d_embed=c["d_model"], div_val=1,
+        n_layer=c["n_layer"], n_head=c["n_head"], d_head=c["d_head"], d_inner=c["d_inner"], mem_len=c["mem_len"],
+        clamp_len=-1, same_length=False, pre_lnorm=False, untie_r=True, dropout=c["dropout"], dropatt=0.0,
+        tie_word_embeddings=True, eos_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    model = TransfoXLLMHeadModel(config)
+    with torch.no_grad():  # move away from the init so that every term matters in the sanity check
+        for name, param in model.named_parameters():
+            if "layer_norm.weight" in name:
+                param.add_(torch.randn_like(param) * 0.05)
+            elif "bias" in name:
+                param.add_(torch.randn_like(param) * 0.02)
+    model.save_pretrained(args["dir"], safe_serialization=True)
+    return {"params": sum(p.numel() for p in model.parameters())}
+
+
+def load(args):
+    global MODEL
+    MODEL = None
+    gc.collect()
+    if SIDE == "ref":
+        from transformers import TransfoXLLMHeadModel
+
+        MODEL = TransfoXLLMHeadModel.from_pretrained(args["dir"])
+        # 4.35.2's (adaptive) softmax fails under CPU autocast when given labels (index_put of bf16 values into a
+        # float32 buffer); run it in float32 with autocast off. The rest of the model stays under autocast.
+        crit_forward = MODEL.crit.forward
+
+        def crit_fp32(hidden, labels=None, keep_order=False):
+            with torch.autocast("cpu", enabled=False):
+                return crit_forward(hidden.float(), labels, keep_order)
+
+        MODEL.crit.forward = crit_fp32
+    else:
+        sys.path.insert(0, args["repo"])
+        from transformers import AutoModelForCausalLM
+
+        import hf_txl  # noqa: F401  (registers the transfo-xl legacy loader)
+
+        MODEL = AutoModelForCausalLM.from_pretrained(args["dir"], attn_implementation=args.get("attn", "sdpa"))
+    STATE.clear()
+    return {"class": type(MODEL).__name__, "params": sum(p.numel() for p in MODEL.parameters())}
+
+
+def compile_model(args):
+    """(txl) Wrap the model in torch.compile (compiled at the first calls of the next command)."""
+    global MODEL
+    MODEL = torch.compile(MODEL)
+    STATE.clear()
+    return {}
+
+
+def set_memory(mem_len, same_length=None, clamp_len=None):
+    if SIDE == "ref":
+        MODEL.transformer.reset_memory_length(mem_len)
+        if same_length is not None:
+            MODEL.transformer.same_length = same_length
+        if clamp_len is not None:
+            MODEL.transformer.clamp_len = clamp_len
+    else:
+        MODEL.config.mem_len = mem_len
+        if same_length is not None:
+            MODEL.config.same_length = same_length
+        if clamp_len is not None:
+            MODEL.config.clamp_len = clamp_len
+
+
+def forward(ids, mems, labels=None):
+    if SIDE == "ref":
+        out = MODEL(input_ids=ids, mems=mems, labels=labels)
+        return out, out.mems
+    out = MODEL(input_ids=ids, mems=mems, labels=labels)
+    return out, out.mems
+
+
+# ----------------------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------------------
+
+
+def logprobs(args):
+    """Log-probabilities of two consecutive segments in eval mode (the sanity check that both sides agree)."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, MODEL.config.vocab_size, (2, 2 * args["tgt_len"]), generator=gen)
+    MODEL.eval()
+    set_memory(args["mem_len"])
+    mems, outs = None, []
+    with torch.no_grad():
+        for seg in ids.split(args["tgt_len"], dim=1):
+            if SIDE == "ref":
+                out = MODEL(input_ids=seg, mems=mems)
+                outs.append(out.prediction_scores)
+            else:
+                out = MODEL(input_ids=seg, mems=mems)
+                outs.append(torch.log_softmax(out.logits.float(), -1))
+            mems = out.mems
+    return {"logprobs": torch.cat(outs, 1).flatten().tolist()}
+
+
+def train(args):
+    """Training steps (forward with loss, backward, AdamW step) carrying the memory; seconds per step."""
+    torch.manual_seed(0)
+    set_memory(args["mem_len"])
+    MODEL.train()
+    key = ("opt", args.get("fused", True))
+    if key not in STATE:
+        STATE.clear()
+        STATE[key] = torch.optim.AdamW(MODEL.parameters(), lr=args.get("lr", 2.5e-4), fused=args.get("fused", True))
+    opt = STATE[key]
+    batch, tgt_len, vocab = args["batch"], args["tgt_len"], MODEL.config.vocab_size
+    data = args.get("data")
+    gen = torch.Generator().manual_seed(args.get("seed", 0))
+    mems, times, losses = None, [], []
+    with PeakMemory() as mem:
+        for step in range(args["warmup"] + args["steps"]):
+            if data is not None:
+                ids = torch.tensor(data[step % len(data)])
+            else:
+                ids = torch.randint(0, vocab, (batch, tgt_len), generator=gen)
+            t0 = time.perf_counter()
+            with autocast(args.get("autocast")):
+                out, mems = forward(ids, mems, labels=ids)
+                loss = out.loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if step >= args["warmup"]:
+                times.append(time.perf_counter() - t0)
+            losses.append(float(loss))
+    return {"times": times, "losses": losses, "peak_mib": mem.mib, "peak_abs_mib": mem.abs_mib}
+
+
+def evaluate(args):
+    """Evaluation segments with memory and the loss (inference mode on both sides); seconds per segment."""
+    set_memory(args["mem_len"])
+    MODEL.eval()
+    batch, tgt_len, vocab = args["batch"], args["tgt_len"], MODEL.config.vocab_size
+    gen = torch.Generator().manual_seed(1)
+    mems, times = None, []
+    with PeakMemory() as mem, torch.inference_mode(), autocast(args.get("autocast")):
+        for step in range(args["warmup"] + args["steps"]):
+            ids = torch.randint(0, vocab, (batch, tgt_len), generator=gen)
+            t0 = time.perf_counter()
+            out, mems = forward(ids, mems, labels=ids)
+            float(out.loss)
+            if step >= args["warmup"]:
+                times.append(time.perf_counter() - t0)
+    return {"times": times, "peak_mib": mem.mib, "peak_abs_mib": mem.abs_mib}
+
+
+def generate(args):
+    """``generate()`` of ``new_tokens`` greedy tokens after a random prompt; total seconds and the tokens."""
+    set_memory(args["mem_len"])
+    MODEL.eval()
+    gen = torch.Generator().manual_seed(2)
+    prompt = torch.randint(1, MODEL.config.vocab_size, (1, args["prompt_len"]), generator=gen)
+    n = args["new_tokens"]
+    kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    with PeakMemory() as mem, torch.inference_mode():
+        t0 = time.perf_counter()
+        out = MODEL.generate(prompt, **kwargs)
+        seconds = time.perf_counter() - t0
+    assert out.shape[1] == args["prompt_len"] + n, out.shape
+    return {"times": [seconds], "tokens": out[0, -n:].tolist(), "peak_mib": mem.mib, "peak_abs_mib": mem.abs_mib}
+
+
+def recompute(args):
+    """(txl) Full recomputation, no memory: one forward of the whole sequence per new token, timed at the given
+    sequence lengths (the greedy step's cost at that length)."""
+    MODEL.eval()
+    gen = torch.Generator().manual_seed(3)
+    seq = torch.randint(1, MODEL.config.vocab_size, (1, max(args["lengths"])), generator=gen)
+    result = {}
+    with PeakMemory() as mem, torch.inference_mode():
+        for length in args["lengths"]:
+            runs = []
+            for _ in range(args["repeats"]):
+                t0 = time.perf_counter()
+                MODEL(input_ids=seq[:, :length], use_cache=False).logits[:, -1].argmax(-1)
+                runs.append(time.perf_counter() - t0)
+            result[str(length)] = statistics.median(runs)
+    return {"step_seconds": result, "peak_mib": mem.mib, "peak_abs_mib": mem.abs_mib}
+
+
+def table9(args):
+    """(txl) Per-token evaluation time at attention length L: a segment of L tokens with an L-token memory
+    (same_length: every query sees L keys) vs a window of L tokens recomputed for every token (one forward)."""
+    L = args["attn_len"]
+    MODEL.eval()
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, MODEL.config.vocab_size, (1, 3 * L), generator=gen)
+    xl, window = [], []
+    with PeakMemory() as mem, torch.inference_mode():
+        set_memory(L, same_length=True)
+        mems = MODEL(input_ids=ids[:, :L]).mems  # memory full
+        for r in range(args["repeats"]):
+            t0 = time.perf_counter()
+            MODEL(input_ids=ids[:, L : 2 * L], mems=mems)
+            xl.append((time.perf_counter() - t0) / L)
+            t0 = time.perf_counter()
+            MODEL(input_ids=ids[:, r : r + L], use_cache=False).logits[:, -1].argmax(-1)
+            window.append(time.perf_counter() - t0)
+        set_memory(args["mem_len"], same_length=False)
+    return {"xl": statistics.median(xl), "window": statistics.median(window), "peak_mib": mem.mib}
+
+
+def gemm(args):
+    """Best-of GEMM throughput (FLOP/s) of an n x n matrix product."""
+    n = args["n"]
+    dtype = getattr(torch, args["dtype"])
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(args["repeats"]):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return {"flops": 2 * n**3 / best}
+
+
+COMMANDS = dict(build=build, load=load, compile=compile_model, logprobs=logprobs, train=train, evaluate=evaluate,
+                generate=generate, recompute=recompute, table9=table9, gemm=gemm)  # fmt: skip
+
+
+def main():
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    print(json.dumps({"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            reply = COMMANDS[request.pop("cmd")](request)
+        except Exception as error:  # reported to the orchestrator, which stops
+            import traceback
+
+            reply = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+        print(json.dumps(reply), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,313 @@
+"""Fast paths equal the reference: the fused attention (``sdpa``) against the eager reference, and the inference
+caches of :class:`TxlMems` (projected memory keys/values, projected position terms) against recomputation.
+
+Speed itself is measured in ``bench/``, never asserted here.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_config
+
+from hf_txl import TxlForCausalLM
+from hf_txl.modeling_txl import TxlMems, TxlModel, sinusoid_position_embedding
+
+CASES = [  # (pre_lnorm, same_length, clamp_len, untie_r, padded)
+    (False, False, -1, True, False),
+    (True, False, 3, False, False),
+    (False, True, 2, True, True),
+    (True, True, -1, False, True),
+]
+
+
+def pair(**overrides):
+    """The same weights with the eager reference and with the fast path."""
+    config = tiny_config(**overrides)
+    eager = TxlForCausalLM(copy.deepcopy(config))
+    eager.set_attn_implementation("eager")
+    fast = TxlForCausalLM(copy.deepcopy(config))
+    fast.set_attn_implementation("sdpa")
+    fast.load_state_dict(eager.state_dict())
+    return eager, fast
+
+
+def left_padding(batch, length, pad):
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, :pad] = 0
+    return mask
+
+
+def no_cache(model):
+    """Turn the inference caches off for one model (the uncached reference)."""
+    model.transformer._inference_cache_key = lambda hidden: None
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fused attention == eager reference
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pre_lnorm,same_length,clamp_len,untie_r,padded", CASES)
+def test_fused_attention_matches_eager_outputs_and_gradients(pre_lnorm, same_length, clamp_len, untie_r, padded):
+    eager, fast = pair(mem_len=5, pre_lnorm=pre_lnorm, same_length=same_length, clamp_len=clamp_len, untie_r=untie_r)
+    ids = torch.randint(1, 40, (2, 14))
+    mask = left_padding(2, 7, 3) if padded else None
+    results = []
+    for model in (eager, fast):
+        model.train()
+        first = model(ids[:, :7], attention_mask=mask)  # fills the memory (with padding when `padded`)
+        second = model(ids[:, 7:], mems=first.mems, labels=ids[:, 7:])
+        second.loss.backward()
+        results.append(
+            (first.logits.detach(), second.logits.detach(), {n: p.grad for n, p in model.named_parameters()})
+        )
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-5)
+    for name, grad in results[0][2].items():
+        assert grad is not None, name
+        torch.testing.assert_close(grad, results[1][2][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_fused_attention_without_gradients_uses_sdpa_and_matches_eager():
+    eager, fast = pair(mem_len=6, same_length=True, clamp_len=4)
+    ids = torch.randint(1, 40, (3, 10))
+    with torch.inference_mode():
+        e1, f1 = eager(ids[:, :4]), fast(ids[:, :4])
+        e2 = eager(ids[:, 4:], mems=e1.mems.without_cache())
+        f2 = fast(ids[:, 4:], mems=f1.mems.without_cache())
+    torch.testing.assert_close(e1.logits, f1.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(e2.logits, f2.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_attention_with_attention_dropout_trains():
+    """dropatt > 0 in training takes the baddbmm route; in eval it matches eager (dropout off)."""
+    eager, fast = pair(mem_len=4, dropatt=0.5)
+    ids = torch.randint(1, 40, (2, 6))
+    fast.train()
+    out = fast(ids, labels=ids)
+    out.loss.backward()
+    assert all(p.grad is not None for p in fast.parameters())
+    eager.eval(), fast.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(eager(ids).logits, fast(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_attention_under_bf16_autocast_follows_fp32():
+    eager, fast = pair(mem_len=6)
+    ids = torch.randint(1, 40, (2, 8))
+    with torch.no_grad():
+        reference = eager(ids).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = fast(ids).logits
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), reference, atol=5e-2, rtol=5e-2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inference caches == recomputation
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("pre_lnorm,same_length,clamp_len,untie_r,padded", CASES)
+def test_cached_multi_segment_evaluation_equals_uncached(
+    implementation, pre_lnorm, same_length, clamp_len, untie_r, padded
+):
+    config = tiny_config(mem_len=5, pre_lnorm=pre_lnorm, same_length=same_length, clamp_len=clamp_len, untie_r=untie_r)
+    cached = TxlForCausalLM(config).eval()
+    cached.set_attn_implementation(implementation)
+    plain = no_cache(copy.deepcopy(cached))
+    ids = torch.randint(1, 40, (2, 3 + 4 * 4))
+    mask = left_padding(2, 3, 2) if padded else None
+    with torch.inference_mode():
+        a = cached(ids[:, :3], attention_mask=mask)
+        b = plain(ids[:, :3], attention_mask=mask)
+        assert a.mems.kv is not None and b.mems.kv is None
+        for start in range(3, ids.shape[1], 4):
+            a = cached(ids[:, start : start + 4], mems=a.mems)
+            b = plain(ids[:, start : start + 4], mems=b.mems)
+            torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
+            for layer in range(config.n_layer):
+                assert torch.equal(a.mems[layer], b.mems[layer]) or torch.allclose(
+                    a.mems[layer], b.mems[layer], atol=1e-5
+                )
+            assert (a.mems.padding_mask is None) == (b.mems.padding_mask is None)
+
+
+@pytest.mark.parametrize("pre_lnorm", [False, True])
+def test_cache_holds_the_projection_of_the_memory_and_of_r(pre_lnorm):
+    config = tiny_config(mem_len=6, pre_lnorm=pre_lnorm, clamp_len=3)
+    model = TxlModel(config).eval()
+    ids = torch.randint(1, 40, (2, 4))
+    with torch.no_grad():
+        mems = model(ids).mems
+        mems = model(ids, mems=mems).mems  # 8 positions seen: the memory (and the cache) keep the last 6
+        mems = model(ids[:, :1], mems=mems).mems
+        inner = config.n_head * config.d_head
+        for layer, hidden, kv, r_head in zip(model.layers, mems, mems.kv, mems.r_head):
+            assert kv.shape == (2, config.mem_len, 2 * inner)
+            x = layer.attn.layer_norm(hidden) if pre_lnorm else hidden
+            torch.testing.assert_close(kv, F.linear(x, layer.attn.qkv_proj.weight[inner:]), atol=1e-6, rtol=1e-5)
+            klen = r_head.shape[0]
+            assert klen >= config.mem_len + 1
+            pos_emb = sinusoid_position_embedding(klen, config.d_model, config.clamp_len)
+            torch.testing.assert_close(r_head, layer.attn.r_proj(pos_emb), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pre_lnorm,same_length,clamp_len,untie_r,padded", CASES)
+def test_cached_generation_equals_uncached(pre_lnorm, same_length, clamp_len, untie_r, padded):
+    config = tiny_config(mem_len=6, pre_lnorm=pre_lnorm, same_length=same_length, clamp_len=clamp_len, untie_r=untie_r)
+    model = TxlForCausalLM(config).eval()
+    plain = no_cache(copy.deepcopy(model))
+    prompt = torch.randint(1, 40, (2, 5))
+    mask = left_padding(2, 5, 2) if padded else torch.ones(2, 5, dtype=torch.long)
+    kwargs = dict(max_new_tokens=15, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    a = model.generate(prompt, attention_mask=mask, **kwargs)
+    b = plain.generate(prompt, attention_mask=mask, **kwargs)
+    assert torch.equal(a.sequences, b.sequences)
+    for sa, sb in zip(a.scores, b.scores):
+        torch.testing.assert_close(sa, sb, atol=1e-5, rtol=1e-5)
+
+
+def test_cached_beam_search_and_several_sequences_equal_uncached():
+    model = TxlForCausalLM(tiny_config(mem_len=8)).eval()
+    plain = no_cache(copy.deepcopy(model))
+    prompt = torch.randint(1, 40, (2, 4))
+    for kwargs in (dict(num_beams=3, num_return_sequences=2), dict(do_sample=True, num_return_sequences=3)):
+        torch.manual_seed(1)
+        a = model.generate(prompt, max_new_tokens=10, **kwargs)
+        torch.manual_seed(1)
+        b = plain.generate(prompt, max_new_tokens=10, **kwargs)
+        assert torch.equal(a, b)
+
+
+def test_cache_is_carried_by_memory_operations_and_dropped_on_dtype_change():
+    model = TxlModel(tiny_config(mem_len=4)).eval()
+    with torch.no_grad():
+        mems = model(torch.randint(1, 40, (3, 5))).mems
+    assert mems.kv is not None and mems.r_head is not None
+    index = torch.tensor([2, 0])
+    picked = mems.index_select(index)
+    assert all(torch.equal(p, m[index]) for p, m in zip(picked.kv, mems.kv))
+    assert picked.cache_key == mems.cache_key and picked.r_head is mems.r_head
+    repeated = mems.repeat_interleave(2)
+    assert all(torch.equal(r, m.repeat_interleave(2, 0)) for r, m in zip(repeated.kv, mems.kv))
+    assert mems.detach().kv is mems.kv and mems.to("cpu").kv is mems.kv
+    converted = mems.to(torch.float64)
+    assert converted.kv is None and converted[0].dtype == torch.float64
+    assert mems.without_cache().kv is None
+
+
+def test_cache_is_ignored_in_training_and_after_a_weight_update():
+    config = tiny_config(mem_len=5)
+    model = TxlForCausalLM(config)
+    reference = no_cache(copy.deepcopy(model))
+    ids = torch.randint(1, 40, (2, 6))
+    model.eval()
+    with torch.no_grad():
+        mems = model(ids).mems
+    assert mems.kv is not None
+    # an optimizer step changes the weights in place: the cached projections are stale and must not be used
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    model(ids, mems=mems, labels=ids).loss.backward()  # training ignores the cache
+    optimizer.step()
+    reference.load_state_dict(model.state_dict())
+    model.eval(), reference.eval()
+    with torch.no_grad():
+        expected = reference(ids, mems=mems.without_cache()).logits
+        torch.testing.assert_close(model(ids, mems=mems).logits, expected, atol=1e-6, rtol=1e-5)
+    # training outputs with a cached memory equal those with the bare memory
+    model.train()
+    torch.testing.assert_close(
+        model(ids, mems=mems).logits, model(ids, mems=mems.without_cache()).logits, atol=0, rtol=0
+    )
+
+
+def test_long_generation_keeps_cache_bounded():
+    model = TxlForCausalLM(tiny_config(mem_len=4)).eval()
+    out = model.generate(torch.randint(1, 40, (1, 3)), max_new_tokens=30, do_sample=False, return_dict_in_generate=True)
+    assert out.sequences.shape[1] == 33
+    with torch.no_grad():
+        mems = model(out.sequences[:, :3]).mems
+        for step in range(3, 12):
+            mems = model(out.sequences[:, step : step + 1], mems=mems).mems
+            assert all(kv.shape[1] == 4 for kv in mems.kv)
+            assert mems.r_head[0].shape[0] == 4 + 3  # computed once (mem_len + prompt), then reused
+    assert math.isfinite(float(mems.kv[0].sum()))
+
+
+def test_plain_list_memory_still_works_without_cache():
+    model = TxlModel(tiny_config(mem_len=4)).eval()
+    ids = torch.randint(1, 40, (2, 3))
+    with torch.no_grad():
+        mems = model(ids).mems
+        a = model(ids, mems=list(mems)).last_hidden_state
+        b = model(ids, mems=mems).last_hidden_state
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert isinstance(mems, TxlMems)
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.compile (the training script's --torch_compile)
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_compiled_training_step_matches_eager():
+    torch._dynamo.reset()
+    eager, fast = pair(mem_len=4)
+    compiled = torch.compile(fast)
+    ids = torch.randint(1, 40, (2, 12))
+    results = []
+    for model in (eager, compiled):
+        model.train()
+        first = model(ids[:, :6], labels=ids[:, :6])
+        second = model(ids[:, 6:], mems=first.mems, labels=ids[:, 6:])
+        (first.loss + second.loss).backward()
+        grads = {n.removeprefix("_orig_mod."): p.grad for n, p in model.named_parameters()}
+        results.append((second.logits.detach(), grads))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-4, rtol=1e-4)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(grad, results[1][1][name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_training_step_under_bf16_autocast_follows_fp32(implementation):
+    config = tiny_config(mem_len=6)
+    model = TxlForCausalLM(config)
+    model.set_attn_implementation(implementation)
+    ids = torch.randint(1, 40, (2, 8))
+    first = model(ids, labels=ids)
+    reference = model(ids, mems=first.mems, labels=ids).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = model(ids, labels=ids)
+        low = model(ids, mems=first.mems, labels=ids).loss
+    low.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert abs(low.item() - reference.item()) < 0.05
+
+
+def test_shifted_view_equals_rel_shift_and_has_its_gradient():
+    from hf_txl.modeling_txl import _shifted_view, rel_shift
+
+    x = torch.randn(2, 3, 4, 7, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(_shifted_view(F.pad(x, (1, 0))), rel_shift(x), atol=0, rtol=0)
+    assert torch.autograd.gradcheck(lambda t: _shifted_view(F.pad(t, (1, 0))), (x,))
+
+
+@pytest.mark.parametrize("same_length,clamp_len", [(False, -1), (True, 3)])
+def test_fused_generation_steps_match_eager(same_length, clamp_len):
+    """One-token steps take a shortcut (no shift, no padding) in the fused path."""
+    eager, fast = pair(mem_len=6, same_length=same_length, clamp_len=clamp_len)
+    eager.eval(), fast.eval()
+    prompt = torch.randint(1, 40, (2, 5))
+    kwargs = dict(max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    a, b = eager.generate(prompt, **kwargs), fast.generate(prompt, **kwargs)
+    assert torch.equal(a.sequences, b.sequences)
+    for sa, sb in zip(a.scores, b.scores):
+        torch.testing.assert_close(sa, sb, atol=1e-5, rtol=1e-5)
