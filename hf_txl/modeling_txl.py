@@ -720,11 +720,11 @@ def _check_inputs(config, input_ids, inputs_embeds, attention_mask):
         # assert). Costs one small synchronisation per forward; skipped under torch.compile, where it would break the
         # graph.
         if input_ids.numel() and not torch.compiler.is_compiling():
-            low, high = torch.aminmax(input_ids)
-            if low.item() < 0 or high.item() >= config.vocab_size:
+            low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one synchronisation
+            if low < 0 or high >= config.vocab_size:
                 raise ValueError(
                     f"`input_ids` contains ids outside the vocabulary [0, {config.vocab_size}): found values "
-                    f"in [{low.item()}, {high.item()}]. Use the model's tokenizer, or resize the embeddings "
+                    f"in [{low}, {high}]. Use the model's tokenizer, or resize the embeddings "
                     "with `model.resize_token_embeddings(len(tokenizer))`."
                 )
         batch, qlen = input_ids.shape
@@ -887,18 +887,23 @@ class TxlModel(TxlPreTrainedModel):
             mem = None if mems is None else mems[index]
             r_w_bias = layer.attn.r_w_bias if config.untie_r else self.r_w_bias
             r_r_bias = layer.attn.r_r_bias if config.untie_r else self.r_r_bias
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                hidden, probs = self._gradient_checkpointing_func(
-                    layer.__call__, hidden, mem, pos_emb, allowed, r_w_bias, r_r_bias, output_attentions
-                )
-            elif cache_key is not None:
-                r_head = r_heads[index][-klen:]  # distances K-1 .. 0
-                hidden, probs = layer(
-                    hidden, mem, pos_emb, allowed, r_w_bias, r_r_bias, output_attentions, mem_kvs[index], r_head,
-                    kv_sink,
-                )  # fmt: skip
+            r_head = None if r_heads is None else r_heads[index][-klen:]  # distances K-1 .. 0
+            args = (
+                hidden,
+                mem,
+                pos_emb,
+                allowed,
+                r_w_bias,
+                r_r_bias,
+                output_attentions,
+                mem_kvs[index],
+                r_head,
+                kv_sink,
+            )
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():  # (no caches in training)
+                hidden, probs = self._gradient_checkpointing_func(layer.__call__, *args)
             else:
-                hidden, probs = layer(hidden, mem, pos_emb, allowed, r_w_bias, r_r_bias, output_attentions)
+                hidden, probs = layer(*args)
             if output_attentions:
                 all_attentions.append(probs)
         hidden = self.drop(hidden)

@@ -332,7 +332,7 @@ def training_function(args: argparse.Namespace) -> dict:
     accelerator.wait_for_everyone()
     os.makedirs(args.output_dir, exist_ok=True)
     if args.with_tracking:
-        accelerator.init_trackers("hf_txl", config={k: v for k, v in vars(args).items() if _is_plain(v)})
+        accelerator.init_trackers("hf_txl", config=plain_args(args))
 
     log = JsonLog(Path(args.output_dir) / "log.jsonl", accelerator.is_main_process, from_step=step)
     eval_kwargs = dict(
@@ -343,7 +343,7 @@ def training_function(args: argparse.Namespace) -> dict:
     def checkpoint(at_step):
         state = {
             "step": at_step, "epoch": train_batches.epoch, "num_processes": accelerator.num_processes,
-            "model_config": config.to_dict(), "args": {k: v for k, v in vars(args).items() if _is_plain(v)},
+            "model_config": config.to_dict(), "args": plain_args(args),
         }  # fmt: skip
         save_checkpoint(
             accelerator, args.output_dir, at_step, mems=mems, stream_state=train_batches.state_dict(),
@@ -452,10 +452,10 @@ def export(args, accelerator, model, tokenizer, metrics, step) -> None:
         tokenizer.save_pretrained(args.output_dir)
         results = {"step": step, "eval_mem_len": args.eval_mem_len, "eval_tgt_len": args.eval_tgt_len, **metrics}
         Path(args.output_dir, "eval_results.json").write_text(json.dumps(results, indent=2))
-        plain_args = {k: v for k, v in vars(args).items() if _is_plain(v)}
-        plain_args["command"] = "accelerate launch scripts/train.py " + " ".join(sys.argv[1:])
-        plain_args["hf_txl_version"] = hf_txl.__version__
-        Path(args.output_dir, "training_args.json").write_text(json.dumps(plain_args, indent=2))
+        recorded = plain_args(args)
+        recorded["command"] = "accelerate launch scripts/train.py " + " ".join(sys.argv[1:])
+        recorded["hf_txl_version"] = hf_txl.__version__
+        Path(args.output_dir, "training_args.json").write_text(json.dumps(recorded, indent=2))
         write_model_card(args.output_dir, repo_id=args.hub_model_id)
         accelerator.print(f"Model written to {args.output_dir} (model card: README.md)")
         if args.push_to_hub:
@@ -484,8 +484,9 @@ class JsonLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def _is_plain(value) -> bool:
-    return isinstance(value, (str, int, float, bool, type(None)))
+def plain_args(args: argparse.Namespace) -> dict:
+    """The JSON-serialisable arguments (trackers, checkpoints and the exported training_args.json)."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
 
 
 def main(argv=None) -> None:

@@ -34,3 +34,23 @@ def tiny_config(**overrides) -> TxlConfig:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def run_without_hf_txl(script: str, *args, tmp_path) -> dict:
+    """Run ``script`` in a fresh interpreter where hf_txl cannot be imported (a user who only has the model
+    directory), offline, with its own transformers module cache; return the JSON object it prints last."""
+    import json
+    import subprocess
+    import sys
+
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_MODULES_CACHE": str(tmp_path / "modules"),
+        "HF_HOME": str(tmp_path / "home"),
+    }
+    blocker = 'import sys\nsys.modules["hf_txl"] = None  # only the code stored in the model directory can run\n'
+    command = [sys.executable, "-c", blocker + script, *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

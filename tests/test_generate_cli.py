@@ -1,14 +1,11 @@
 """scripts/generate.py (sampling controls, per-character streaming, unknown characters) and the
 text-generation pipeline, with hf_txl and (trust_remote_code) without it."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_without_hf_txl
 from test_evaluate import load_script, make_model_dir
 
 from hf_txl.data import DEFAULT_CORPUS_PATH
@@ -90,9 +87,7 @@ def test_pipeline_after_import_hf_txl(model_dir):
 
 
 PIPELINE_WITHOUT_HF_TXL = """
-import sys
-sys.modules["hf_txl"] = None  # hf_txl cannot be imported: only the code stored in the model directory can run
-import json
+import json, sys
 from transformers import pipeline
 generator = pipeline("text-generation", model=sys.argv[1], trust_remote_code=True)
 out = generator("ROMEO:", max_new_tokens=8, do_sample=False)[0]["generated_text"]
@@ -101,12 +96,7 @@ print(json.dumps({"text": out, "module": type(generator.model).__module__}))
 
 
 def test_pipeline_with_trust_remote_code_where_hf_txl_is_not_importable(tmp_path, model_dir):
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HF_HUB_OFFLINE": "1",
-           "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HOME": str(tmp_path / "home")}  # fmt: skip
-    result = subprocess.run([sys.executable, "-c", PIPELINE_WITHOUT_HF_TXL, str(model_dir)], capture_output=True,
-                            text=True, cwd=tmp_path, env=env, timeout=300)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    remote = json.loads(result.stdout.strip().splitlines()[-1])
+    remote = run_without_hf_txl(PIPELINE_WITHOUT_HF_TXL, model_dir, tmp_path=tmp_path)
     assert remote["module"].startswith("transformers_modules")
     model, tokenizer = load_script("generate").load_model_and_tokenizer(model_dir)
     with torch.no_grad():

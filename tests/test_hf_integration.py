@@ -2,13 +2,11 @@
 
 import copy
 import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import run_without_hf_txl, tiny_config
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -88,7 +86,6 @@ def test_auto_classes_resolve_and_round_trip_is_exact(tmp_path):
 REMOTE_CODE_SCRIPT = textwrap.dedent(
     """
     import json, sys
-    sys.modules["hf_txl"] = None  # hf_txl is installed in this environment: make it unimportable
     try:
         import hf_txl  # noqa: F401
     except ImportError:
@@ -114,13 +111,7 @@ def test_trust_remote_code_load_without_hf_txl_gives_identical_logits(tmp_path):
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir)
     ids = torch.randint(1, 40, (2, 7))
-    env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin"}
-    result = subprocess.run(
-        [sys.executable, "-c", REMOTE_CODE_SCRIPT, str(model_dir), json.dumps(ids.tolist())],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    remote = json.loads(result.stdout.strip().splitlines()[-1])
+    remote = run_without_hf_txl(REMOTE_CODE_SCRIPT, model_dir, json.dumps(ids.tolist()), tmp_path=tmp_path)
     assert remote["module"].startswith("transformers_modules")
     with torch.no_grad():
         assert torch.equal(torch.tensor(remote["logits"]), model(ids).logits)

@@ -2,15 +2,12 @@
 huggingface_hub (mocked: tests cannot reach the Hub); failures are reported, never a success; the published
 folder loads without hf_txl (trust_remote_code=True) and generates."""
 
-import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import huggingface_hub
 import pytest
+from conftest import run_without_hf_txl
 from test_evaluate import load_script
 
 from hf_txl.data import DEFAULT_CORPUS_PATH
@@ -117,9 +114,7 @@ def test_bad_directories_and_repo_ids(tmp_path, pushed_run, fake_hub):
 
 
 LOAD_WITHOUT_HF_TXL = """
-import sys
-sys.modules["hf_txl"] = None
-import json
+import json, sys
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
 tokenizer = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
@@ -131,11 +126,6 @@ print(json.dumps({"text": tokenizer.decode(out[0]), "module": type(model).__modu
 def test_published_folder_loads_in_a_clean_environment_and_generates(tmp_path, pushed_run):
     published = tmp_path / "published"  # what upload_folder sends: the directory minus the ignored patterns
     shutil.copytree(pushed_run[0], published, ignore=shutil.ignore_patterns("checkpoints", "*.tmp", ".tmp*"))
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HF_HUB_OFFLINE": "1",
-           "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HOME": str(tmp_path / "home")}  # fmt: skip
-    result = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_HF_TXL, str(published)], capture_output=True,
-                            text=True, cwd=tmp_path, env=env, timeout=300)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    remote = json.loads(result.stdout.strip().splitlines()[-1])
+    remote = run_without_hf_txl(LOAD_WITHOUT_HF_TXL, published, tmp_path=tmp_path)
     assert remote["module"].startswith("transformers_modules")
     assert remote["text"].startswith("ROMEO:") and len(remote["text"]) >= len("ROMEO:") + 10
