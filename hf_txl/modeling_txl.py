@@ -72,9 +72,12 @@ class TxlMems(Sequence):
       the distance, the weights and ``clamp_len``, so any shorter key length reads its last rows.
 
     ``cache_key`` records what the caches were computed with (weight versions, dtype, autocast state,
-    ``clamp_len``); a model whose key differs recomputes them. Pass ``outputs.mems`` back as ``mems=`` to
-    continue the recurrence. A plain list or tuple of tensors is accepted as well (every position is then
-    taken as a real token).
+    ``clamp_len``); a model whose key differs recomputes them. During inference the hidden states and ``kv`` are
+    views into a preallocated :class:`_MemoryStore`, so a step writes only its own new positions instead of
+    copying the whole memory.
+
+    Pass ``outputs.mems`` back as ``mems=`` to continue the recurrence. A plain list or tuple of tensors is
+    accepted as well (every position is then taken as a real token).
     """
 
     def __init__(
@@ -85,12 +88,15 @@ class TxlMems(Sequence):
         kv: Sequence[torch.Tensor] | None = None,
         r_head: Sequence[torch.Tensor] | None = None,
         cache_key: tuple | None = None,
+        store: _MemoryStore | None = None,
+        store_end: int = 0,
     ):
         self.hidden = tuple(hidden)
         self.padding_mask = padding_mask
         self.kv = None if kv is None else tuple(kv)
         self.r_head = None if r_head is None else tuple(r_head)
         self.cache_key = cache_key
+        self.store, self.store_end = store, store_end  # the views' storage, and where they end in it
 
     def __getitem__(self, index):
         return self.hidden[index]
@@ -140,11 +146,50 @@ class TxlMems(Sequence):
         return self._with(hidden, mask, self.kv) if same else TxlMems(hidden, mask)
 
     def detach(self) -> TxlMems:
-        return self._with([h.detach() for h in self.hidden], self.padding_mask, self.kv)
+        hidden = [h.detach() for h in self.hidden]
+        return TxlMems(hidden, self.padding_mask, kv=self.kv, r_head=self.r_head, cache_key=self.cache_key,
+                       store=self.store, store_end=self.store_end)  # fmt: skip
+
+    def appendable(self, qlen: int, cache_key: tuple) -> bool:
+        """Whether the next ``qlen`` positions can be written in place after this memory's views (see
+        :class:`_MemoryStore`)."""
+        store = self.store
+        return (
+            store is not None
+            and store.fill == self.store_end
+            and self.store_end + qlen <= store.capacity
+            and self.cache_key == cache_key
+            and self.kv is not None
+        )
 
     def without_cache(self) -> TxlMems:
         """The same memory without the inference caches."""
         return TxlMems(self.hidden, self.padding_mask)
+
+
+class _MemoryStore:
+    """Preallocated inference storage behind :class:`TxlMems`: per layer, hidden states ``[B, C, d_model]`` and
+    projected keys/values ``[B, C, 2*H*D]`` for ``C`` (capacity) positions, of which ``[0, fill)`` are written.
+
+    A step with memory positions ``[start, end)`` writes its ``T`` new positions at ``[end, end + T)``, attends to
+    the contiguous view ``[start, end + T)``, and returns the memory ``[max(start, end + T - mem_len), end + T)``:
+    views, no copy of the memory. This is only allowed while ``end == fill``, i.e. no other step has written
+    after this memory yet; reusing an older memory (a second continuation of the same prefix) therefore copies it
+    into a new store instead of overwriting what a newer memory still shows. When the capacity is reached the
+    memory moves to a new store (``C = mem_len + max(T, mem_len)``), so a generation step copies one position
+    per step on average instead of the whole memory.
+    """
+
+    def __init__(self, hidden: list[torch.Tensor], kv: list[torch.Tensor]):
+        self.hidden, self.kv = hidden, kv
+        self.capacity = hidden[0].shape[1]
+        self.fill = 0
+
+    @classmethod
+    def empty(cls, n_layer, batch, capacity, d_model, kv_width, dtype, kv_dtype, device) -> _MemoryStore:
+        hidden = [torch.empty(batch, capacity, d_model, dtype=dtype, device=device) for _ in range(n_layer)]
+        kv = [torch.empty(batch, capacity, kv_width, dtype=kv_dtype, device=device) for _ in range(n_layer)]
+        return cls(hidden, kv)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -206,6 +251,12 @@ def causal_memory_mask(qlen: int, mlen: int, mem_len: int, same_length: bool, de
     return allowed
 
 
+def sees_every_key(qlen: int, mlen: int, mem_len: int, same_length: bool) -> bool:
+    """Whether :func:`causal_memory_mask` is all True: one query (a generation step) sees the whole memory,
+    unless ``same_length`` hides the oldest key of a full memory. The model then passes ``allowed=None``."""
+    return qlen == 1 and (not same_length or mlen + 1 <= mem_len)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Attention kernels: one eager reference, one SDPA path
 # ----------------------------------------------------------------------------------------------------
@@ -218,12 +269,13 @@ def eager_rel_attention(q, k, v, position_scores, allowed, *, u, scale, dropout_
     softmax over allowed keys, then a weighted sum of the values.
 
     q ``[B, H, T, D]``, k and v ``[B, H, K, D]``, position_scores ``[B, H, T, K]`` (unscaled BD),
-    allowed ``[B|1, T, K]`` bool, u ``[H, D]``. Returns the attention output ``[B, H, T, D]`` and the
-    probabilities ``[B, H, T, K]``.
+    allowed ``[B|1, T, K]`` bool (None: every key), u ``[H, D]``. Returns the attention output ``[B, H, T, D]``
+    and the probabilities ``[B, H, T, K]``.
     """
     content_scores = torch.matmul(q + u[:, None, :], k.transpose(-1, -2))  # AC: [B, H, T, K]
     scores = (content_scores + position_scores) * scale
-    scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
     probs = F.dropout(probs, p=dropout_p, training=training)
     return torch.matmul(probs, v), probs  # [B, H, T, D]
@@ -267,7 +319,8 @@ def fused_rel_attention(q, k, v, r_head, allowed, *, u, v_bias, scale, dropout_p
       (training: SDPA cannot return a gradient for its mask, and its math fallback is slower than this).
 
     q ``[B, H, T, D]``, k and v ``[B, H, K, D]``, r_head ``[K, H*D]`` (W_{k,R} R for distances K-1 .. 0),
-    allowed ``[B|1, T, K]`` bool, u and v_bias ``[H, D]``. Returns the attention output ``[B, H, T, D]`` and None.
+    allowed ``[B|1, T, K]`` bool (None: every key), u and v_bias ``[H, D]``. Returns the attention output
+    ``[B, H, T, D]`` and None.
     """
     batch, n_head, qlen, d_head = q.shape
     klen = k.shape[2]
@@ -278,7 +331,9 @@ def fused_rel_attention(q, k, v, r_head, allowed, *, u, v_bias, scale, dropout_p
         r_pad = F.pad(r_k * scale, (1, 0))  # [H, D, K+1], column 0 zero
         position = torch.matmul(q + v_bias[:, None, :], r_pad)  # [B, H, T, K+1], scaled
         position = _shifted_view(position)  # [B, H, T, K]: the rel-shift, a view
-    bias = position.masked_fill(~allowed[:, None], torch.finfo(position.dtype).min)  # [B, H, T, K]
+    bias = position  # [B, H, T, K]
+    if allowed is not None:
+        bias = position.masked_fill(~allowed[:, None], torch.finfo(position.dtype).min)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or r_head.requires_grad)
     if not needs_grad and not (training and dropout_p > 0):
         out = F.scaled_dot_product_attention(q + u[:, None, :], k, v, attn_mask=bias, scale=scale)
@@ -286,7 +341,7 @@ def fused_rel_attention(q, k, v, r_head, allowed, *, u, v_bias, scale, dropout_p
     content_q = (q + u[:, None, :]).reshape(batch * n_head, qlen, d_head)  # [B*H, T, D]
     keys = k.reshape(batch * n_head, klen, d_head).transpose(1, 2)  # [B*H, D, K]
     # AC * scale + (BD * scale, masked) in one GEMM that accumulates into the position term.
-    scores = torch.baddbmm(bias.view(batch * n_head, qlen, klen), content_q, keys, alpha=scale)  # [B*H, T, K]
+    scores = torch.baddbmm(bias.reshape(batch * n_head, qlen, klen), content_q, keys, alpha=scale)  # [B*H, T, K]
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
     probs = F.dropout(probs, p=dropout_p, training=training)
     out = torch.bmm(probs, v.reshape(batch * n_head, klen, d_head))  # [B*H, T, D]
@@ -317,35 +372,42 @@ class TxlRelAttention(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.scaling = 1.0 / math.sqrt(config.d_head)
         self.pre_lnorm = config.pre_lnorm
+        self.dropatt = config.dropatt
         if config.untie_r:
             self.r_w_bias = nn.Parameter(torch.zeros(config.n_head, config.d_head))  # u
             self.r_r_bias = nn.Parameter(torch.zeros(config.n_head, config.d_head))  # v
 
     def forward(
         self, hidden, mem, pos_emb, allowed, r_w_bias, r_r_bias, output_attentions=False,
-        mem_kv=None, r_head=None, kv_sink=None,
+        kv_buffer=None, memory_kv_ready=False, r_head=None,
     ):  # fmt: skip
         """hidden ``[B, T, d]``, mem ``[B, M, d]`` or None, pos_emb ``[K, d]`` (None when ``r_head`` is given),
-        allowed ``[B|1, T, K]``.
+        allowed ``[B|1, T, K]`` bool or None (every key visible).
 
-        Inference caches (see :class:`TxlMems`): ``mem_kv`` ``[B, M, 2*H*D]`` replaces the projection of ``mem``,
-        ``r_head`` ``[K, H*D]`` replaces ``r_proj(pos_emb)``; when ``kv_sink`` is a list the keys and values of all
-        K positions ``[B, K, 2*H*D]`` are appended to it. Returns the output ``[B, T, d]`` and the attention
-        probabilities (eager path with ``output_attentions``) or None.
+        Inference caches (see :class:`TxlMems`): ``kv_buffer`` ``[B, K, 2*H*D]`` is this layer's view of the memory
+        store; the segment's keys and values are written into its last T rows, and its first M rows already hold
+        the memory's when ``memory_kv_ready`` (otherwise they are projected and written). ``r_head`` ``[K, H*D]``
+        replaces ``r_proj(pos_emb)``. Returns the output ``[B, T, d]`` and the attention probabilities (eager path
+        with ``output_attentions``) or None.
         """
         batch, qlen, _ = hidden.shape
         inner = self.n_head * self.d_head
         x = self.layer_norm(hidden) if self.pre_lnorm else hidden
         q, kv = self.qkv_proj(x).split([inner, 2 * inner], dim=-1)  # [B, T, H*D], [B, T, 2*H*D]
         # The memory is projected apart from the segment: it needs no input gradient (it is detached), and the
-        # projection can be cached during inference.
-        if mem_kv is None and mem is not None:
+        # projection is cached during inference.
+        mlen = 0 if mem is None else mem.shape[1]
+        mem_kv = None
+        if mem is not None and not (kv_buffer is not None and memory_kv_ready):
             w_kv = self.qkv_proj.weight[inner:]
             mem_kv = F.linear(self.layer_norm(mem) if self.pre_lnorm else mem, w_kv)  # [B, M, 2*H*D]
-        if mem_kv is not None:
+        if kv_buffer is not None:  # inference: write into the store, attend to its view
+            if mem_kv is not None:
+                kv_buffer[:, :mlen].copy_(mem_kv)
+            kv_buffer[:, mlen:].copy_(kv)
+            kv = kv_buffer  # [B, K, 2*H*D]
+        elif mem_kv is not None:
             kv = torch.cat([mem_kv, kv], dim=1)  # [B, K, 2*H*D]
-        if kv_sink is not None:
-            kv_sink.append(kv)
         klen = kv.shape[1]
         k, v = kv.view(batch, klen, 2, self.n_head, self.d_head).unbind(2)  # [B, K, H, D] each
         q = q.view(batch, qlen, self.n_head, self.d_head).transpose(1, 2)  # [B, H, T, D]
@@ -360,15 +422,17 @@ class TxlRelAttention(nn.Module):
             position_scores = rel_shift(torch.matmul(q + r_r_bias[:, None, :], r_k))  # [B, H, T, K]
             out, probs = eager_rel_attention(
                 q, k, v, position_scores, allowed,
-                u=r_w_bias, scale=self.scaling, dropout_p=self.config.dropatt, training=self.training,
+                u=r_w_bias, scale=self.scaling, dropout_p=self.dropatt, training=self.training,
             )  # fmt: skip
         else:
             out, probs = fused_rel_attention(
                 q, k, v, r_head, allowed,
-                u=r_w_bias, v_bias=r_r_bias, scale=self.scaling, dropout_p=self.config.dropatt, training=self.training,
+                u=r_w_bias, v_bias=r_r_bias, scale=self.scaling, dropout_p=self.dropatt, training=self.training,
             )  # fmt: skip
         out = out.transpose(1, 2).reshape(batch, qlen, inner)  # [B, T, H*D]
-        out = self.drop(self.o_proj(out))
+        out = self.o_proj(out)
+        if self.training:  # (skipping the eval no-op saves per-token overhead in generation)
+            out = self.drop(out)
         out = hidden + out if self.pre_lnorm else self.layer_norm(hidden + out)
         return out, probs
 
@@ -386,7 +450,12 @@ class TxlFeedForward(nn.Module):
 
     def forward(self, hidden):
         x = self.layer_norm(hidden) if self.pre_lnorm else hidden
-        x = self.drop(self.fc_out(self.drop(F.relu(self.fc_in(x)))))
+        x = F.relu(self.fc_in(x))
+        if self.training:
+            x = self.drop(x)
+        x = self.fc_out(x)
+        if self.training:
+            x = self.drop(x)
         return hidden + x if self.pre_lnorm else self.layer_norm(hidden + x)
 
 
@@ -399,8 +468,8 @@ class TxlLayer(nn.Module):
         self.ff = TxlFeedForward(config)
 
     def forward(self, hidden, mem, pos_emb, allowed, r_w_bias, r_r_bias, output_attentions=False, *caches):
-        """``caches``: ``mem_kv, r_head, kv_sink`` of :meth:`TxlRelAttention.forward` (positional arguments, as
-        gradient checkpointing passes them)."""
+        """``caches``: ``kv_buffer, memory_kv_ready, r_head`` of :meth:`TxlRelAttention.forward` (positional
+        arguments, as gradient checkpointing passes them)."""
         hidden, probs = self.attn(hidden, mem, pos_emb, allowed, r_w_bias, r_r_bias, output_attentions, *caches)
         return self.ff(hidden), probs
 
@@ -755,8 +824,9 @@ def _as_mems(config, mems, batch, dtype, device) -> TxlMems | None:
         mems = TxlMems(mems)
     if len(mems) != config.n_layer:
         raise ValueError(f"`mems` has {len(mems)} layers but the model has n_layer={config.n_layer}.")
+    d_model = config.d_model
     for layer, mem in enumerate(mems):
-        if mem.dim() != 3 or mem.shape[0] != batch or mem.shape[2] != config.d_model:
+        if mem.dim() != 3 or mem.shape[0] != batch or mem.shape[2] != d_model:
             raise ValueError(
                 f"`mems[{layer}]` has shape {tuple(mem.shape)}, expected [batch={batch}, M, d_model={config.d_model}]"
                 " (batch-first). Pass the `mems` returned for a batch of the same size."
@@ -849,26 +919,29 @@ class TxlModel(TxlPreTrainedModel):
         klen = mlen + qlen
 
         # Keys each query may see: causal over [memory; segment], minus padding (memory's and current).
-        allowed = causal_memory_mask(qlen, mlen, config.mem_len, config.same_length, device=hidden.device)[None]
         key_is_real = _key_padding(mems, attention_mask, batch, qlen, hidden.device)  # [B, K] or None
+        if key_is_real is None and sees_every_key(qlen, mlen, config.mem_len, config.same_length):
+            allowed = None  # a generation step without padding: no mask to build or apply
+        else:
+            allowed = causal_memory_mask(qlen, mlen, config.mem_len, config.same_length, device=hidden.device)[None]
         if key_is_real is not None:
             # A padded query still sees itself, so that no softmax row is empty.
             diagonal = torch.eye(qlen, dtype=torch.bool, device=hidden.device)
             self_key = F.pad(diagonal, (mlen, 0))[None]  # [1, T, K]
             allowed = (allowed & key_is_real[:, None, :]) | self_key  # [B, T, K]
 
-        # Inference caches (TxlMems.kv / r_head): only without gradients and in eval mode.
+        # Inference caches (TxlMems.kv / r_head, in a _MemoryStore): only without gradients and in eval mode.
         cache_key = self._inference_cache_key(hidden) if use_cache else None
-        mem_kvs, r_heads, cache_klen = [None] * config.n_layer, None, klen
+        store, r_heads, cache_klen = None, None, klen
         if cache_key is not None:
             fresh = mems is not None and mems.cache_key == cache_key
-            if fresh and mems.kv is not None and tuple(mems.kv[0].shape[:2]) == (batch, mlen):
-                mem_kvs = list(mems.kv)
             if fresh and mems.r_head is not None and mems.r_head[0].shape[0] >= klen:
                 r_heads = list(mems.r_head)
                 cache_klen = r_heads[0].shape[0]
             else:  # cover the longest key length of the next calls too (one step of generation: mem_len + 1)
                 cache_klen = max(klen, config.mem_len + qlen)
+            store, start, kv_ready = self._memory_store(mems, batch, qlen, cache_key, hidden)
+            end = start + mlen  # this segment goes to [end, end + T) of the store
 
         pos_emb = None  # not needed when every layer reads its projection from the cache
         if r_heads is None:
@@ -877,45 +950,51 @@ class TxlModel(TxlPreTrainedModel):
             )
             if cache_key is not None:
                 r_heads = [layer.attn.r_proj(pos_emb) for layer in self.layers]  # [K', H*D] each
-            pos_emb = self.drop(pos_emb[-klen:])  # [K, d]
-        hidden = self.drop(hidden)
+            pos_emb = pos_emb[-klen:]  # [K, d]
+        if self.training:  # (in eval, skipping the no-op dropouts saves per-token overhead in generation)
+            pos_emb = None if pos_emb is None else self.drop(pos_emb)
+            hidden = self.drop(hidden)
 
         layer_inputs, all_attentions = [], []
-        kv_sink = [] if cache_key is not None else None
+        untie_r = config.untie_r
         for index, layer in enumerate(self.layers):
             layer_inputs.append(hidden)
             mem = None if mems is None else mems[index]
-            r_w_bias = layer.attn.r_w_bias if config.untie_r else self.r_w_bias
-            r_r_bias = layer.attn.r_r_bias if config.untie_r else self.r_r_bias
-            r_head = None if r_heads is None else r_heads[index][-klen:]  # distances K-1 .. 0
-            args = (
-                hidden,
-                mem,
-                pos_emb,
-                allowed,
-                r_w_bias,
-                r_r_bias,
-                output_attentions,
-                mem_kvs[index],
-                r_head,
-                kv_sink,
-            )
+            r_w_bias = layer.attn.r_w_bias if untie_r else self.r_w_bias
+            r_r_bias = layer.attn.r_r_bias if untie_r else self.r_r_bias
+            kv_buffer, r_head = None, None
+            if store is not None:
+                store.hidden[index][:, end : end + qlen].copy_(hidden)
+                kv_buffer = store.kv[index][:, start : end + qlen]  # [B, K, 2*H*D]
+                r_head = r_heads[index][-klen:]  # distances K-1 .. 0
+            args = (hidden, mem, pos_emb, allowed, r_w_bias, r_r_bias, output_attentions)
+            args += (kv_buffer, store is not None and kv_ready, r_head)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():  # (no caches in training)
                 hidden, probs = self._gradient_checkpointing_func(layer.__call__, *args)
             else:
                 hidden, probs = layer(*args)
             if output_attentions:
                 all_attentions.append(probs)
-        hidden = self.drop(hidden)
+        if self.training:
+            hidden = self.drop(hidden)
 
         new_mems = None
-        if use_cache:
+        if use_cache and store is not None:  # views of the store's last mem_len positions
+            new_end = end + qlen
+            new_start = max(start, new_end - config.mem_len)
+            store.fill = new_end
+            mask = None if key_is_real is None else key_is_real[:, new_start - new_end :]
+            new_mems = TxlMems(
+                [h[:, new_start:new_end] for h in store.hidden],
+                mask,
+                kv=[kv[:, new_start:new_end] for kv in store.kv],
+                r_head=r_heads,
+                cache_key=cache_key,
+                store=store,
+                store_end=new_end,
+            )
+        elif use_cache:
             new_mems = self._update_mems(layer_inputs, mems, key_is_real)
-            if cache_key is not None:
-                mem_len = config.mem_len
-                new_mems.kv = tuple(kv[:, -mem_len:] for kv in kv_sink)  # truncated exactly as the hidden states
-                new_mems.r_head = tuple(r_heads)
-                new_mems.cache_key = cache_key
         hidden_states = tuple(layer_inputs) + (hidden,) if output_hidden_states else None
         attentions = tuple(all_attentions) if output_attentions else None
         if not return_dict:
@@ -923,6 +1002,37 @@ class TxlModel(TxlPreTrainedModel):
         return TxlModelOutput(
             last_hidden_state=hidden, mems=new_mems, hidden_states=hidden_states, attentions=attentions
         )
+
+    def _memory_store(self, mems, batch, qlen, cache_key, hidden) -> tuple[_MemoryStore, int, bool]:
+        """The store this inference step writes into, where the memory starts in it, and whether it already
+        holds the memory's keys/values. The memory's own store when it can take ``qlen`` more positions in place,
+        otherwise a new one the memory is copied into."""
+        if mems is not None and mems.appendable(qlen, cache_key):
+            return mems.store, mems.store_end - mems.mem_len, True
+        config = self.config
+        mlen = 0 if mems is None else mems.mem_len
+        device_type = hidden.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        kv_dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype  # what qkv_proj returns
+        store = _MemoryStore.empty(
+            config.n_layer,
+            batch,
+            max(mlen, config.mem_len) + max(qlen, config.mem_len),
+            config.d_model,
+            2 * config.n_head * config.d_head,
+            hidden.dtype,
+            kv_dtype,
+            hidden.device,
+        )
+        kv_ready = False
+        if mems is not None:
+            kv_ready = mems.cache_key == cache_key and mems.kv is not None and mems.kv[0].shape[:2] == (batch, mlen)
+            for index in range(config.n_layer):
+                store.hidden[index][:, :mlen].copy_(mems[index])
+                if kv_ready:
+                    store.kv[index][:, :mlen].copy_(mems.kv[index])
+        store.fill = mlen
+        return store, 0, kv_ready
 
     def _inference_cache_key(self, hidden) -> tuple | None:
         """What the inference caches depend on, or None when they must not be used (training, gradients).
@@ -1103,8 +1213,11 @@ class TxlForCausalLM(TxlPreTrainedModel, GenerationMixin):
                 input_ids = input_ids[:, -next_sequence_length:]
             model_inputs["input_ids"] = input_ids
             qlen = input_ids.shape[1]
-        if attention_mask is not None:
-            model_inputs["attention_mask"] = attention_mask[:, -qlen:]
+        if attention_mask is not None and not (mems is not None and not is_first_iteration):
+            # Only the first call can carry padding: generated tokens are always real, and the memory already
+            # remembers which earlier positions were padding. An all-ones mask is dropped (no mask to apply).
+            attention_mask = attention_mask[:, -qlen:]
+            model_inputs["attention_mask"] = None if bool(attention_mask.all()) else attention_mask
         for key in ("output_attentions", "output_hidden_states", "logits_to_keep", "return_dict"):
             if key in kwargs:
                 model_inputs[key] = kwargs[key]

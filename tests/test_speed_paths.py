@@ -13,7 +13,13 @@ import torch.nn.functional as F
 from conftest import tiny_config
 
 from hf_txl import TxlForCausalLM
-from hf_txl.modeling_txl import TxlMems, TxlModel, sinusoid_position_embedding
+from hf_txl.modeling_txl import (
+    TxlMems,
+    TxlModel,
+    causal_memory_mask,
+    sees_every_key,
+    sinusoid_position_embedding,
+)
 
 CASES = [  # (pre_lnorm, same_length, clamp_len, untie_r, padded)
     (False, False, -1, True, False),
@@ -42,7 +48,7 @@ def left_padding(batch, length, pad):
 
 def no_cache(model):
     """Turn the inference caches off for one model (the uncached reference)."""
-    model.transformer._inference_cache_key = lambda hidden: None
+    getattr(model, "transformer", model)._inference_cache_key = lambda hidden: None
     return model
 
 
@@ -239,6 +245,62 @@ def test_long_generation_keeps_cache_bounded():
             assert all(kv.shape[1] == 4 for kv in mems.kv)
             assert mems.r_head[0].shape[0] == 4 + 3  # computed once (mem_len + prompt), then reused
     assert math.isfinite(float(mems.kv[0].sum()))
+
+
+def test_memory_store_is_written_in_place_and_equals_recomputation():
+    """Generation steps append to the memory's preallocated store (no copy of the memory) until it is full, then
+    move to a new one; every memory along the way equals the uncached one."""
+    config = tiny_config(mem_len=5)
+    model = TxlModel(config).eval()
+    plain = no_cache(copy.deepcopy(model))
+    ids = torch.randint(1, 40, (2, 40))
+    stores = []
+    with torch.inference_mode():
+        a, b = model(ids[:, :3]), plain(ids[:, :3])
+        for step in range(3, ids.shape[1]):
+            previous = a.mems
+            a = model(ids[:, step : step + 1], mems=a.mems)
+            b = plain(ids[:, step : step + 1], mems=b.mems)
+            torch.testing.assert_close(a.last_hidden_state, b.last_hidden_state, atol=1e-5, rtol=1e-5)
+            for layer in range(config.n_layer):
+                torch.testing.assert_close(a.mems[layer], b.mems[layer], atol=1e-5, rtol=1e-5)
+            if a.mems.store is previous.store:  # written in place: the new memory is a view of the same storage
+                assert a.mems[0].data_ptr() == previous[0][:, 1:].data_ptr() or previous.mem_len < config.mem_len
+            stores.append(a.mems.store)
+    distinct = len({id(store) for store in stores})
+    assert 1 < distinct < len(stores) // 3  # a new store only when one is full (capacity mem_len + mem_len)
+
+
+def test_reusing_an_older_memory_does_not_overwrite_a_newer_one():
+    """Two continuations of the same memory (e.g. scoring two candidates) must not share storage: the second one
+    copies the memory into a new store instead of writing where the first one's memory lives."""
+    model = TxlModel(tiny_config(mem_len=6)).eval()
+    plain = no_cache(copy.deepcopy(model))
+    prefix, first, second = torch.randint(1, 40, (3, 2, 4)).unbind(0)
+    with torch.inference_mode():
+        mems = model(prefix).mems
+        out_first = model(first, mems=mems)
+        kept = [m.clone() for m in out_first.mems]
+        out_second = model(second, mems=mems)  # the same (now older) memory again
+        assert out_second.mems.store is not out_first.mems.store
+        for layer, m in enumerate(out_first.mems):
+            assert torch.equal(m, kept[layer])  # untouched by the second continuation
+        reference = plain(second, mems=plain(prefix).mems)
+        torch.testing.assert_close(out_second.last_hidden_state, reference.last_hidden_state, atol=1e-5, rtol=1e-5)
+        # and continuing the first branch still sees its own memory
+        third = torch.randint(1, 40, (2, 1))
+        again = model(third, mems=out_first.mems).last_hidden_state
+        expected = plain(third, mems=plain(first, mems=plain(prefix).mems).mems).last_hidden_state
+        torch.testing.assert_close(again, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("same_length", [False, True])
+def test_generation_steps_skip_the_mask_only_when_every_key_is_visible(same_length):
+    for mem_len in (1, 3, 6):
+        for mlen in range(0, 8):
+            for qlen in (1, 2, 3):
+                mask = causal_memory_mask(qlen, mlen, mem_len, same_length)
+                assert sees_every_key(qlen, mlen, mem_len, same_length) == bool(mask.all()), (mem_len, mlen, qlen)
 
 
 def test_plain_list_memory_still_works_without_cache():
