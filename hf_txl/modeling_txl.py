@@ -343,9 +343,60 @@ def fused_rel_attention(q, k, v, r_head, allowed, *, u, v_bias, scale, dropout_p
     # AC * scale + (BD * scale, masked) in one GEMM that accumulates into the position term.
     scores = torch.baddbmm(bias.reshape(batch * n_head, qlen, klen), content_q, keys, alpha=scale)  # [B*H, T, K]
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
-    probs = F.dropout(probs, p=dropout_p, training=training)
+    probs = fast_dropout(probs, dropout_p, training)
     out = torch.bmm(probs, v.reshape(batch * n_head, klen, d_head))  # [B*H, T, D]
     return out.view(batch, n_head, qlen, d_head), None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dropout
+# ----------------------------------------------------------------------------------------------------
+
+
+class _WordDropout(torch.autograd.Function):
+    """Dropout whose keep mask comes from 16-bit random words (see :func:`fast_dropout`)."""
+
+    @staticmethod
+    def forward(ctx, x, p):
+        threshold = round(p * 65536)  # P(keep) = 1 - threshold / 2^16
+        words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device)
+        words.random_(-(2**63), 2**63 - 1)  # uniform over (almost) all 64-bit patterns
+        keep = words.view(torch.int16)[: x.numel()].view(x.shape) >= threshold - 32768
+        ctx.scale = 65536 / (65536 - threshold)
+        ctx.save_for_backward(keep)
+        return _keep_scaled(x, keep, ctx.scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return _keep_scaled(grad, keep, ctx.scale), None
+
+
+def _keep_scaled(x, keep, scale):
+    # `where` with a 0-dim zero and an in-place scale: no float copy of the bool mask (x * keep makes one).
+    return torch.where(keep, x, x.new_zeros(())).mul_(scale)
+
+
+def fast_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout, ``x * keep / P(keep)``, with a cheaper random mask on the CPU.
+
+    ``F.dropout`` on the CPU draws one Bernoulli sample per element from the Mersenne twister; drawing 64-bit
+    words and comparing their 16-bit pieces with ``p`` is 3x faster, and dropout is a quarter of a small model's
+    training step there. ``p`` is rounded to a multiple of 2^-16 and the scale uses the rounded value, so the
+    output stays unbiased. Other devices (fused dropout kernels already) and ``p`` in {0, 1} use ``F.dropout``.
+    """
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or p >= 1.0 or torch.compiler.is_compiling():
+        return F.dropout(x, p, training)
+    return _WordDropout.apply(x, p)
+
+
+class TxlDropout(nn.Dropout):
+    """``nn.Dropout`` computed with :func:`fast_dropout`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fast_dropout(x, self.p, self.training)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -369,7 +420,7 @@ class TxlRelAttention(nn.Module):
         self.r_proj = nn.Linear(config.d_model, inner, bias=False)
         self.o_proj = nn.Linear(inner, config.d_model, bias=False)
         self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = TxlDropout(config.dropout)
         self.scaling = 1.0 / math.sqrt(config.d_head)
         self.pre_lnorm = config.pre_lnorm
         self.dropatt = config.dropatt
@@ -444,7 +495,7 @@ class TxlFeedForward(nn.Module):
         super().__init__()
         self.fc_in = nn.Linear(config.d_model, config.d_inner)
         self.fc_out = nn.Linear(config.d_inner, config.d_model)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = TxlDropout(config.dropout)
         self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
         self.pre_lnorm = config.pre_lnorm
 
@@ -865,7 +916,7 @@ class TxlModel(TxlPreTrainedModel):
         else:
             self.word_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.emb_scale = config.d_model**0.5  # applied here for both embeddings (and for `inputs_embeds`)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = TxlDropout(config.dropout)
         if not config.untie_r:
             self.r_w_bias = nn.Parameter(torch.zeros(config.n_head, config.d_head))  # u, shared
             self.r_r_bias = nn.Parameter(torch.zeros(config.n_head, config.d_head))  # v, shared

@@ -17,6 +17,7 @@ from hf_txl.modeling_txl import (
     TxlMems,
     TxlModel,
     causal_memory_mask,
+    fast_dropout,
     sees_every_key,
     sinusoid_position_embedding,
 )
@@ -373,3 +374,75 @@ def test_fused_generation_steps_match_eager(same_length, clamp_len):
     assert torch.equal(a.sequences, b.sequences)
     for sa, sb in zip(a.scores, b.scores):
         torch.testing.assert_close(sa, sb, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fast dropout (CPU) == inverted dropout
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_fast_dropout_keeps_each_element_independently_with_probability_one_minus_p(p):
+    torch.manual_seed(0)
+    x = torch.rand(1000, 1000) + 0.5  # no zeros: a zero output means dropped
+    out = fast_dropout(x, p, training=True)
+    keep = out != 0
+    n = keep.numel()
+    threshold = round(p * 65536)
+    keep_prob = 1 - threshold / 65536
+    sigma = math.sqrt(keep_prob * (1 - keep_prob) / n)
+    assert abs(keep.float().mean().item() - keep_prob) < 5 * sigma
+    # kept values are scaled by 1 / P(keep), so the expectation is unchanged
+    torch.testing.assert_close(out[keep], x[keep] / keep_prob, rtol=1e-6, atol=0)
+    # independence: neighbours (the 16-bit pieces of one random word) are both kept with probability keep_prob^2
+    both = (keep[:, :-1] & keep[:, 1:]).float().mean().item()
+    assert abs(both - keep_prob**2) < 0.01
+    rows = (keep[:-1] & keep[1:]).float().mean().item()
+    assert abs(rows - keep_prob**2) < 0.01
+
+
+def test_fast_dropout_gradient_is_the_same_mask_and_scale():
+    torch.manual_seed(1)
+    x = (torch.rand(64, 33, dtype=torch.float64) + 0.5).requires_grad_()
+    out = fast_dropout(x, 0.3, training=True)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    scale = out.detach() / x.detach()  # 0 where dropped, 1 / P(keep) where kept
+    torch.testing.assert_close(x.grad, grad * scale)
+    small = x.detach()[:6, :5].clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: fast_dropout_seeded(t, 0.3), (small,))
+
+
+def fast_dropout_seeded(x, p):
+    torch.manual_seed(7)  # the same mask at every call, so gradcheck's finite differences see one function
+    return fast_dropout(x, p, training=True)
+
+
+def test_fast_dropout_is_seeded_and_a_no_op_when_off():
+    x = torch.randn(4, 50, 16)
+    torch.manual_seed(3)
+    a = fast_dropout(x, 0.2, training=True)
+    torch.manual_seed(3)
+    b = fast_dropout(x, 0.2, training=True)
+    c = fast_dropout(x, 0.2, training=True)
+    assert torch.equal(a, b) and not torch.equal(b, c)
+    assert fast_dropout(x, 0.2, training=False) is x and fast_dropout(x, 0.0, training=True) is x
+    assert torch.equal(fast_dropout(x, 1.0, training=True), torch.zeros_like(x))
+    low = fast_dropout(x.bfloat16(), 0.2, training=True)
+    assert low.dtype == torch.bfloat16 and ((low == 0).float().mean() - 0.2).abs() < 0.05
+
+
+def test_model_dropout_modules_use_fast_dropout_and_train():
+    model = TxlForCausalLM(tiny_config(mem_len=4, dropout=0.3, dropatt=0.2))
+    assert all(type(m).__name__ == "TxlDropout" for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    model.train()
+    ids = torch.randint(1, 40, (2, 8))
+    torch.manual_seed(0)
+    a = model(ids, labels=ids)
+    a.loss.backward()
+    assert math.isfinite(a.loss.item()) and all(p.grad is not None for p in model.parameters())
+    torch.manual_seed(0)
+    assert torch.equal(model(ids, labels=ids).logits, a.logits)  # reproducible under a seed
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model(ids).logits)
