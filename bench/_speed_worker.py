@@ -300,9 +300,23 @@ COMMANDS = dict(build=build, load=load, compile=compile_model, logprobs=logprobs
                 generate=generate, recompute=recompute, table9=table9, gemm=gemm)  # fmt: skip
 
 
+def keep_freed_memory():
+    """The allocator setting of hf_txl's scripts (``hf_txl.training.keep_freed_memory_in_process``), repeated here
+    because the reference side cannot import hf_txl; applied to both sides alike."""
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 32 * 2**20)) and bool(libc.mallopt(m_trim_threshold, 2**30))
+
+
 def main():
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
-    print(json.dumps({"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
+    kept = os.environ.get("BENCH_KEEP_FREED") == "1" and keep_freed_memory()
+    print(
+        json.dumps(
+            {"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads(), "keep_freed_memory": kept}
+        ),
+        flush=True,
+    )
     for line in sys.stdin:
         request = json.loads(line)
         try:

@@ -53,8 +53,10 @@ CONFIGS = {  # TransfoXLConfig / TxlConfig fields shared by both sides; batch an
 
 
 class Worker:
-    def __init__(self, side: str, python: str):
-        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    def __init__(self, side: str, python: str, keep_freed: bool):
+        env = dict(
+            os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", BENCH_KEEP_FREED=str(int(keep_freed))
+        )
         self.side = side
         self.proc = subprocess.Popen(
             [python, str(WORKER), side], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=BENCH
@@ -197,6 +199,12 @@ def main(argv=None):
         action="store_true",
         help="Only the training rows, with hf_txl under torch.compile (out: speed_compile.json).",
     )
+    p.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="Leave glibc's allocator as it is in both workers (by default both keep freed memory, as the scripts "
+        "do: hf_txl.training.keep_freed_memory_in_process).",
+    )
     p.add_argument("--max-wait", type=float, default=1800, help="Seconds to wait for a quiet machine per timing.")
     p.add_argument(
         "--max-other-cores",
@@ -213,12 +221,15 @@ def main(argv=None):
     ref_python = ensure_ref_python(args.ref_python)
     RESULTS.mkdir(parents=True, exist_ok=True)
 
-    workers = {"ref": Worker("ref", ref_python), "txl": Worker("txl", sys.executable)}
+    keep = not args.default_allocator
+    workers = {"ref": Worker("ref", ref_python, keep), "txl": Worker("txl", sys.executable, keep)}
     global GUARD
     GUARD = QuietGuard(workers, limit=float("inf") if quick else args.max_other_cores, max_wait=args.max_wait)
     GUARD.wait()
     threads = workers["txl"].hello["threads"]
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {threads}"
+    kept = {side: w.hello["keep_freed_memory"] for side, w in workers.items()}
+    machine += f", allocator keeps freed memory: {kept}"
     load = os.getloadavg()
     print(f"machine: {machine}; load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
     started = time.time()

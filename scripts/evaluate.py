@@ -27,7 +27,7 @@ import torch
 from hf_txl.data import load_corpus, tokenize_to_array
 from hf_txl.hub import is_local, load_model_and_tokenizer
 from hf_txl.model_card import EVALUATION_FILE, write_model_card
-from hf_txl.training import evaluate_stream
+from hf_txl.training import evaluate_stream, keep_freed_memory_in_process
 
 DATA_FLAGS = ("dataset_name", "dataset_config_name", "train_file", "validation_file", "text_column",
               "validation_split_fraction")  # fmt: skip
@@ -74,6 +74,7 @@ def fail(message: str) -> None:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    keep_freed_memory_in_process()
     try:
         model, tokenizer = load_model_and_tokenizer(
             args.model, device=args.device, attn_implementation=args.attn_implementation,

@@ -38,6 +38,7 @@ from hf_txl.presets import DEFAULT_PRESET, PRESETS, get_preset
 from hf_txl.training import (
     CHECKPOINTS,
     evaluate_stream,
+    keep_freed_memory_in_process,
     list_checkpoints,
     load_checkpoint,
     resolve_checkpoint,
@@ -491,6 +492,7 @@ def plain_args(args: argparse.Namespace) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    keep_freed_memory_in_process()
     training_function(args)
 
 
