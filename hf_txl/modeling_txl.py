@@ -393,10 +393,17 @@ def fast_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 
 class TxlDropout(nn.Dropout):
-    """``nn.Dropout`` computed with :func:`fast_dropout`."""
+    """``nn.Dropout`` computed with :func:`fast_dropout` on the fast path (``attn_implementation="sdpa"``);
+    the eager reference keeps ``F.dropout``."""
+
+    def __init__(self, config: TxlConfig):
+        super().__init__(config.dropout)
+        self.config = config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fast_dropout(x, self.p, self.training)
+        if self.config._attn_implementation == "sdpa":
+            return fast_dropout(x, self.p, self.training)
+        return F.dropout(x, self.p, self.training)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -420,7 +427,7 @@ class TxlRelAttention(nn.Module):
         self.r_proj = nn.Linear(config.d_model, inner, bias=False)
         self.o_proj = nn.Linear(inner, config.d_model, bias=False)
         self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
-        self.drop = TxlDropout(config.dropout)
+        self.drop = TxlDropout(config)
         self.scaling = 1.0 / math.sqrt(config.d_head)
         self.pre_lnorm = config.pre_lnorm
         self.dropatt = config.dropatt
@@ -495,7 +502,7 @@ class TxlFeedForward(nn.Module):
         super().__init__()
         self.fc_in = nn.Linear(config.d_model, config.d_inner)
         self.fc_out = nn.Linear(config.d_inner, config.d_model)
-        self.drop = TxlDropout(config.dropout)
+        self.drop = TxlDropout(config)
         self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
         self.pre_lnorm = config.pre_lnorm
 
@@ -916,7 +923,7 @@ class TxlModel(TxlPreTrainedModel):
         else:
             self.word_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.emb_scale = config.d_model**0.5  # applied here for both embeddings (and for `inputs_embeds`)
-        self.drop = TxlDropout(config.dropout)
+        self.drop = TxlDropout(config)
         if not config.untie_r:
             self.r_w_bias = nn.Parameter(torch.zeros(config.n_head, config.d_head))  # u, shared
             self.r_r_bias = nn.Parameter(torch.zeros(config.n_head, config.d_head))  # v, shared

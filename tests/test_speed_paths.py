@@ -434,8 +434,26 @@ def test_fast_dropout_is_seeded_and_a_no_op_when_off():
     assert low.dtype == torch.bfloat16 and ((low == 0).float().mean() - 0.2).abs() < 0.05
 
 
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_dropout_is_the_reference_on_the_eager_path_and_fast_on_sdpa(implementation):
+    model = TxlForCausalLM(tiny_config(dropout=0.3))
+    model.set_attn_implementation(implementation)
+    model.train()
+    drop = model.transformer.drop
+    x = torch.randn(3, 7, 16)
+    torch.manual_seed(5)
+    out = drop(x)
+    torch.manual_seed(5)
+    reference = F.dropout(x, 0.3, training=True)
+    torch.manual_seed(5)
+    fast = fast_dropout(x, 0.3, training=True)
+    assert torch.equal(out, reference if implementation == "eager" else fast)
+    assert not torch.equal(reference, fast)
+
+
 def test_model_dropout_modules_use_fast_dropout_and_train():
     model = TxlForCausalLM(tiny_config(mem_len=4, dropout=0.3, dropatt=0.2))
+    model.set_attn_implementation("sdpa")
     assert all(type(m).__name__ == "TxlDropout" for m in model.modules() if isinstance(m, torch.nn.Dropout))
     model.train()
     ids = torch.randint(1, 40, (2, 8))
