@@ -296,8 +296,29 @@ def gemm(args):
     return {"flops": 2 * n**3 / best}
 
 
+def weight_stream(args):
+    """(txl) The matrix-vector products of one generation step alone: every weight a token must read (the
+    layers' q/k/v, output and feed-forward projections, and the output layer; W_{k,R} R is cached), applied to one
+    token's vector. Median seconds per step: the memory-bandwidth floor of a generation step on this machine."""
+    linears = []
+    for layer in MODEL.transformer.layers:
+        linears += [layer.attn.qkv_proj, layer.attn.o_proj, layer.ff.fc_in, layer.ff.fc_out]
+    linears.append(MODEL.lm_head)
+    inputs = [torch.randn(1, 1, linear.in_features) for linear in linears]
+    times = []
+    with torch.inference_mode():
+        for _ in range(args["repeats"]):
+            t0 = time.perf_counter()
+            for linear, x in zip(linears, inputs):
+                linear(x)
+            times.append(time.perf_counter() - t0)
+    weights = sum(linear.weight.numel() * linear.weight.element_size() for linear in linears)
+    return {"seconds": statistics.median(times[len(times) // 4 :]), "weight_bytes": weights}
+
+
 COMMANDS = dict(build=build, load=load, compile=compile_model, logprobs=logprobs, train=train, evaluate=evaluate,
-                generate=generate, recompute=recompute, table9=table9, gemm=gemm)  # fmt: skip
+                generate=generate, recompute=recompute, table9=table9, gemm=gemm,
+                weight_stream=weight_stream)  # fmt: skip
 
 
 def keep_freed_memory():

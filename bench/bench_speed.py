@@ -358,6 +358,16 @@ def main(argv=None):
     results["recompute"] = dict(rec, estimated_ms_per_token=rec_ms)
     row("generate vs full recomputation (ms/token)", rec_ms, ms["txl"], "ms/tok", rec["peak_mib"],
         r["txl"]["peak_mib"], note=f"recompute timed at lengths {lengths}, interpolated")  # fmt: skip
+    # The floor: reading every weight of a step once (matrix-vector products alone).
+    floor = GUARD.call(workers["txl"], "weight_stream", repeats=50 if quick else 200)
+    floor_ms = 1000 * floor["seconds"]
+    results["generate_floor"] = dict(floor, ms_per_token=floor_ms, best_speedup_vs_ref=ms["ref"] / floor_ms)
+    rows.append(("generation floor: the step's matrix-vector products alone (ms/token)", ms["txl"], floor_ms,
+                 "ms/tok", ms["txl"] / floor_ms, float("nan"), float("nan"),
+                 f"ref column: hf_txl's step; {floor['weight_bytes'] / 2**20:.0f} MiB of weights per token, "
+                 f"{floor['weight_bytes'] / floor['seconds'] / 1e9:.0f} GB/s; at this floor 4.35.2 / floor = "
+                 f"{ms['ref'] / floor_ms:.1f}x"))  # fmt: skip
+    print(f"  generation floor {floor_ms:.2f} ms/token (4.35.2 / floor = {ms['ref'] / floor_ms:.1f}x)", flush=True)
 
     # Table 9: per-token evaluation time, segment + memory vs sliding window, hf_txl only.
     for L in (64, 128) if quick else (256, 512, 800):
