@@ -72,6 +72,25 @@ def keep_freed_memory_in_process() -> bool:
     return bool(mallopt(m_mmap_threshold, 32 * 2**20)) and bool(mallopt(m_trim_threshold, 2**30))
 
 
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool | None:
+    """Whether this CPU multiplies bf16 matrices natively (x86 AVX512-BF16 or AMX, ARM BF16), from
+    ``/proc/cpuinfo``; None where that cannot be read. Without it, CPU bf16 autocast converts in software and is
+    several times slower than fp32 (``bench/README.md``: 63 vs 341 GFLOP/s on the development VM)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    flags = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    if not flags:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def load_metric():
     """The ``txl_lm`` evaluate metric, loaded once per process from the package (no network, no cache files)."""
     return _import_evaluate_library().load(METRIC_PATH, keep_in_memory=True)

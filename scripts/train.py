@@ -37,6 +37,7 @@ from hf_txl.model_card import write_model_card
 from hf_txl.presets import DEFAULT_PRESET, PRESETS, get_preset
 from hf_txl.training import (
     CHECKPOINTS,
+    cpu_has_native_bf16,
     evaluate_stream,
     keep_freed_memory_in_process,
     list_checkpoints,
@@ -287,6 +288,11 @@ def training_function(args: argparse.Namespace) -> dict:
         gradient_accumulation_steps=args.gradient_accumulation_steps, log_with=tracker, project_dir=args.output_dir
     )
     check_output_dir(args)
+    if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu" and cpu_has_native_bf16() is False:
+        accelerator.print(
+            "Warning: --mixed_precision bf16 on a CPU without native bf16 (no AVX512-BF16/AMX): the matrix products "
+            "are emulated and run several times slower than fp32. Drop --mixed_precision for speed on this machine."
+        )
     set_seed(args.seed)
     kill_hook = kill_hook_from_env()
 

@@ -498,3 +498,20 @@ def test_keeping_freed_memory_removes_page_faults_of_repeated_buffers():
         results[mode] = (applied == "True", int(faults))
     assert results["on"][0]
     assert results["off"][1] > 5_000 and results["on"][1] < results["off"][1] / 5, results
+
+
+@pytest.mark.parametrize(
+    "cpuinfo,expected",
+    [
+        ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n", False),
+        ("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 avx512_vnni\n", True),
+        ("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n", True),
+        ("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n", True),
+        ("processor\t: 0\nFeatures\t: fp asimd\n", False),
+        ("nothing useful here\n", None),
+    ],
+)
+def test_native_bf16_detection_reads_the_cpu_flags(cpuinfo, expected):
+    from hf_txl.training import cpu_has_native_bf16
+
+    assert cpu_has_native_bf16(cpuinfo) is expected

@@ -124,6 +124,19 @@ def test_two_processes_follow_the_single_process_loss_trajectory(tmp_path):
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
+def test_bf16_on_a_cpu_without_native_bf16_warns_and_still_trains(tmp_path):
+    from hf_txl.training import cpu_has_native_bf16
+
+    out = tmp_path / "bf16"
+    result = run_train(
+        [*TINY, "--output_dir", str(out), "--max_train_steps", "2"], env={"ACCELERATE_MIXED_PRECISION": "bf16"}
+    )
+    warned = "emulated" in result.stdout + result.stderr
+    assert warned == (cpu_has_native_bf16() is False)
+    assert (out / "model.safetensors").exists()
+
+
 # --- bad input: clear errors before any training, nothing overwritten ------------------------------------
 
 
