@@ -316,9 +316,70 @@ def weight_stream(args):
     return {"seconds": statistics.median(times[len(times) // 4 :]), "weight_bytes": weights}
 
 
+def bare_step(args):
+    """(txl) One generation step's maths written out with bare tensor operations: no modules, no memory object, no
+    masks, no `generate` loop; the memory's keys/values and position terms are preallocated (``mem_len`` positions,
+    the window moving by one per call as in generation). Median seconds per step, eager and (``compile``) under
+    ``torch.compile``: what a step costs when only its kernels are left (post-norm, per-layer u/v models only)."""
+    import torch.nn.functional as F
+
+    config, model = MODEL.config, MODEL.transformer
+    assert not config.pre_lnorm and config.untie_r and not config.uses_adaptive(), "post-norm, untie_r, plain softmax"
+    n_head, d_head, d_model, klen = config.n_head, config.d_head, config.d_model, args["mem_len"] + 1
+    inner, scale = n_head * d_head, d_head**-0.5
+    layers = [
+        (l.attn.qkv_proj.weight, l.attn.o_proj.weight, l.attn.layer_norm, l.ff.fc_in, l.ff.fc_out, l.ff.layer_norm,
+         l.attn.r_w_bias, l.attn.r_r_bias)
+        for l in model.layers
+    ]  # fmt: skip
+    span = 2 * klen  # the window moves through a store twice its length
+    kv_store = [torch.randn(1, span, 2 * inner) for _ in layers]
+    hidden_store = [torch.randn(1, span, d_model) for _ in layers]
+    r_heads = [torch.randn(klen, inner) for _ in layers]
+    embedding, head = model.word_emb.weight, MODEL.lm_head
+
+    def step(token, kv_views, hidden_views):
+        h = F.embedding(token, embedding) * d_model**0.5  # [1, 1, d]
+        for (w_qkv, w_o, ln1, fc_in, fc_out, ln2, u, v), kv, hidden_out, r in zip(
+            layers, kv_views, hidden_views, r_heads
+        ):
+            hidden_out.copy_(h)
+            q, new_kv = F.linear(h, w_qkv).split([inner, 2 * inner], -1)
+            kv[:, -1:].copy_(new_kv)
+            k, val = (t.transpose(1, 2) for t in kv.view(1, klen, 2, n_head, d_head).unbind(2))  # [1, H, K, D]
+            q = q.view(1, 1, n_head, d_head).transpose(1, 2)  # [1, H, 1, D]
+            position = torch.matmul((q + v[:, None]) * scale, r.view(klen, n_head, d_head).permute(1, 2, 0))
+            out = F.scaled_dot_product_attention(q + u[:, None], k, val, attn_mask=position, scale=scale)
+            h = F.layer_norm(h + F.linear(out.transpose(1, 2).reshape(1, 1, inner), w_o), (d_model,), ln1.weight,
+                             ln1.bias, ln1.eps)  # fmt: skip
+            ff = F.linear(F.relu(F.linear(h, fc_in.weight, fc_in.bias)), fc_out.weight, fc_out.bias)
+            h = F.layer_norm(h + ff, (d_model,), ln2.weight, ln2.bias, ln2.eps)
+        return F.linear(h, head.weight, head.bias)
+
+    def timed(fn, repeats):
+        token, times = torch.tensor([[1]]), []
+        for i in range(repeats):
+            start = i % klen
+            kv_views = [kv[:, start : start + klen] for kv in kv_store]
+            hidden_views = [hs[:, start + klen - 1 : start + klen] for hs in hidden_store]
+            t0 = time.perf_counter()
+            fn(token, kv_views, hidden_views)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[len(times) // 4 :])
+
+    result = {}
+    with torch.inference_mode():
+        result["eager"] = timed(step, args["repeats"])
+        if args.get("compile"):
+            compiled = torch.compile(step, dynamic=False)
+            timed(compiled, 3)  # compilation
+            result["compiled"] = timed(compiled, args["repeats"])
+    return result
+
+
 COMMANDS = dict(build=build, load=load, compile=compile_model, logprobs=logprobs, train=train, evaluate=evaluate,
                 generate=generate, recompute=recompute, table9=table9, gemm=gemm,
-                weight_stream=weight_stream)  # fmt: skip
+                weight_stream=weight_stream, bare_step=bare_step)  # fmt: skip
 
 
 def keep_freed_memory():

@@ -368,6 +368,18 @@ def main(argv=None):
                  f"{floor['weight_bytes'] / floor['seconds'] / 1e9:.0f} GB/s; at this floor 4.35.2 / floor = "
                  f"{ms['ref'] / floor_ms:.1f}x"))  # fmt: skip
     print(f"  generation floor {floor_ms:.2f} ms/token (4.35.2 / floor = {ms['ref'] / floor_ms:.1f}x)", flush=True)
+    # The same step's maths with bare tensor operations: what is left when modules, memory object and loop are gone.
+    bare = GUARD.call(workers["txl"], "bare_step", mem_len=prompt_len, repeats=50 if quick else 200, compile=not quick)
+    for kind in ("eager", "compiled"):
+        if kind in bare:
+            bare_ms = 1000 * bare[kind]
+            rows.append((f"generation: the step's maths with bare tensor ops, {kind} (ms/token)", ms["txl"], bare_ms,
+                         "ms/tok", ms["txl"] / bare_ms, float("nan"), float("nan"),
+                         f"ref column: hf_txl's generate; 4.35.2 / this = {ms['ref'] / bare_ms:.1f}x"))  # fmt: skip
+            print(
+                f"  bare step, {kind}: {bare_ms:.2f} ms/token (4.35.2 / this = {ms['ref'] / bare_ms:.1f}x)", flush=True
+            )
+    results["generate_bare_step"] = bare
 
     # Table 9: per-token evaluation time, segment + memory vs sliding window, hf_txl only.
     for L in (64, 128) if quick else (256, 512, 800):
