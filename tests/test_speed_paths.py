@@ -5,9 +5,12 @@ Speed itself is measured in ``bench/``, never asserted here.
 """
 
 import copy
+import json
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -515,3 +518,20 @@ def test_native_bf16_detection_reads_the_cpu_flags(cpuinfo, expected):
     from hf_txl.training import cpu_has_native_bf16
 
     assert cpu_has_native_bf16(cpuinfo) is expected
+
+
+@pytest.mark.slow
+def test_prepared_device_check_runs_and_passes_on_the_cpu(tmp_path):
+    """bench/device_check.py is the one script run on an accelerator when one is lent; keep it working here."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OUT": str(tmp_path), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(
+        [sys.executable, str(root / "bench" / "device_check.py"), "--device", "cpu", "--quick"],
+        capture_output=True, text=True, env=env, cwd=root, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "device_check.json").read_text())
+    assert len(report["checks"]) == 8 and all(c["ok"] for c in report["checks"].values())
+    assert (
+        report["timings"]["generate_ms_per_token"]["memory"] < report["timings"]["generate_ms_per_token"]["recompute"]
+    )
