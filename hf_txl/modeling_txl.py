@@ -176,8 +176,9 @@ class _MemoryStore:
     views, no copy of the memory. This is only allowed while ``end == fill``, i.e. no other step has written
     after this memory yet; reusing an older memory (a second continuation of the same prefix) therefore copies it
     into a new store instead of overwriting what a newer memory still shows. When the capacity is reached the
-    memory moves to a new store (``C = mem_len + max(T, mem_len)``), so a generation step copies one position
-    per step on average instead of the whole memory.
+    memory moves to a new store (``C = mem_len + max(T, ceil(mem_len / 4))``), so a generation step copies four
+    positions per step on average instead of the whole memory, and the store holds at most a quarter more than the
+    memory (or one segment more).
     """
 
     def __init__(self, hidden: list[torch.Tensor], kv: list[torch.Tensor]):
@@ -1075,7 +1076,7 @@ class TxlModel(TxlPreTrainedModel):
         store = _MemoryStore.empty(
             config.n_layer,
             batch,
-            max(mlen, config.mem_len) + max(qlen, config.mem_len),
+            max(mlen, config.mem_len) + max(qlen, -(-config.mem_len // 4)),  # room for T and for mem_len/4 more
             config.d_model,
             2 * config.n_head * config.d_head,
             hidden.dtype,
