@@ -150,17 +150,11 @@ class TxlMems(Sequence):
         return TxlMems(hidden, self.padding_mask, kv=self.kv, r_head=self.r_head, cache_key=self.cache_key,
                        store=self.store, store_end=self.store_end)  # fmt: skip
 
-    def appendable(self, qlen: int, cache_key: tuple) -> bool:
+    def appendable(self, qlen: int) -> bool:
         """Whether the next ``qlen`` positions can be written in place after this memory's views (see
-        :class:`_MemoryStore`)."""
+        :class:`_MemoryStore`; the caller checks that the caches are fresh)."""
         store = self.store
-        return (
-            store is not None
-            and store.fill == self.store_end
-            and self.store_end + qlen <= store.capacity
-            and self.cache_key == cache_key
-            and self.kv is not None
-        )
+        return store is not None and store.fill == self.store_end and self.store_end + qlen <= store.capacity
 
     def without_cache(self) -> TxlMems:
         """The same memory without the inference caches."""
@@ -991,7 +985,7 @@ class TxlModel(TxlPreTrainedModel):
 
         # Inference caches (TxlMems.kv / r_head, in a _MemoryStore): only without gradients and in eval mode.
         cache_key = self._inference_cache_key(hidden) if use_cache else None
-        store, r_heads, cache_klen = None, None, klen
+        store, kv_ready, r_heads, cache_klen = None, False, None, klen
         if cache_key is not None:
             fresh = mems is not None and mems.cache_key == cache_key
             if fresh and mems.r_head is not None and mems.r_head[0].shape[0] >= klen:
@@ -999,7 +993,7 @@ class TxlModel(TxlPreTrainedModel):
                 cache_klen = r_heads[0].shape[0]
             else:  # cover the longest key length of the next calls too (one step of generation: mem_len + 1)
                 cache_klen = max(klen, config.mem_len + qlen)
-            store, start, kv_ready = self._memory_store(mems, batch, qlen, cache_key, hidden)
+            store, start, kv_ready = self._memory_store(mems, fresh, batch, qlen, hidden)
             end = start + mlen  # this segment goes to [end, end + T) of the store
 
         pos_emb = None  # not needed when every layer reads its projection from the cache
@@ -1027,7 +1021,7 @@ class TxlModel(TxlPreTrainedModel):
                 kv_buffer = store.kv[index][:, start : end + qlen]  # [B, K, 2*H*D]
                 r_head = r_heads[index][-klen:]  # distances K-1 .. 0
             args = (hidden, mem, pos_emb, allowed, r_w_bias, r_r_bias, output_attentions)
-            args += (kv_buffer, store is not None and kv_ready, r_head)
+            args += (kv_buffer, kv_ready, r_head)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():  # (no caches in training)
                 hidden, probs = self._gradient_checkpointing_func(layer.__call__, *args)
             else:
@@ -1038,7 +1032,7 @@ class TxlModel(TxlPreTrainedModel):
             hidden = self.drop(hidden)
 
         new_mems = None
-        if use_cache and store is not None:  # views of the store's last mem_len positions
+        if store is not None:  # (inference with use_cache) views of the store's last mem_len positions
             new_end = end + qlen
             new_start = max(start, new_end - config.mem_len)
             store.fill = new_end
@@ -1062,11 +1056,11 @@ class TxlModel(TxlPreTrainedModel):
             last_hidden_state=hidden, mems=new_mems, hidden_states=hidden_states, attentions=attentions
         )
 
-    def _memory_store(self, mems, batch, qlen, cache_key, hidden) -> tuple[_MemoryStore, int, bool]:
+    def _memory_store(self, mems, fresh, batch, qlen, hidden) -> tuple[_MemoryStore, int, bool]:
         """The store this inference step writes into, where the memory starts in it, and whether it already
         holds the memory's keys/values. The memory's own store when it can take ``qlen`` more positions in place,
         otherwise a new one the memory is copied into."""
-        if mems is not None and mems.appendable(qlen, cache_key):
+        if fresh and mems.appendable(qlen):
             return mems.store, mems.store_end - mems.mem_len, True
         config = self.config
         mlen = 0 if mems is None else mems.mem_len
@@ -1085,7 +1079,7 @@ class TxlModel(TxlPreTrainedModel):
         )
         kv_ready = False
         if mems is not None:
-            kv_ready = mems.cache_key == cache_key and mems.kv is not None and mems.kv[0].shape[:2] == (batch, mlen)
+            kv_ready = fresh and mems.kv is not None and mems.kv[0].shape[:2] == (batch, mlen)
             for index in range(config.n_layer):
                 store.hidden[index][:, :mlen].copy_(mems[index])
                 if kv_ready:
@@ -1272,7 +1266,8 @@ class TxlForCausalLM(TxlPreTrainedModel, GenerationMixin):
                 input_ids = input_ids[:, -next_sequence_length:]
             model_inputs["input_ids"] = input_ids
             qlen = input_ids.shape[1]
-        if attention_mask is not None and not (mems is not None and not is_first_iteration):
+        decoding = mems is not None and not is_first_iteration
+        if attention_mask is not None and not decoding:
             # Only the first call can carry padding: generated tokens are always real, and the memory already
             # remembers which earlier positions were padding. An all-ones mask is dropped (no mask to apply).
             attention_mask = attention_mask[:, -qlen:]
