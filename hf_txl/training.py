@@ -56,8 +56,8 @@ def keep_freed_memory_in_process() -> bool:
 
     By default glibc serves blocks above a (dynamic) threshold with ``mmap`` and trims the heap after frees, so every
     training or evaluation step of a small model pays page faults on fresh activation buffers; keeping them cuts
-    the measured time of a small model's evaluation step by about a fifth and of its training step by about 7% on
-    the CPU (``bench/README.md``). The cost: the process keeps its peak heap. ``scripts/train.py`` and
+    the time of a small model's evaluation step by about a quarter and of its training step by about 6% on the CPU
+    (``bench/bench_allocator.py``). The cost: the process keeps its peak heap. ``scripts/train.py`` and
     ``scripts/evaluate.py`` call this at start; the library itself never changes process settings.
     Returns whether the settings were applied.
     """
