@@ -12,22 +12,24 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
+from .cache_txl import TxlCache
 from .configuration_txl import TxlConfig
 from .modeling_txl import (
     TxlForCausalLM,
     TxlForSequenceClassification,
-    TxlMems,
     TxlModel,
     TxlPreTrainedModel,
 )
+
+TxlMems = TxlCache  # the memory's name in hf_txl 0.1 (and the paper's `mems`)
 
 AutoConfig.register(TxlConfig.model_type, TxlConfig, exist_ok=True)
 AutoModel.register(TxlConfig, TxlModel, exist_ok=True)
 AutoModelForCausalLM.register(TxlConfig, TxlForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(TxlConfig, TxlForSequenceClassification, exist_ok=True)
 
-# `save_pretrained` then writes `auto_map` into config.json and copies configuration_txl.py and
-# modeling_txl.py next to the weights, so the directory also loads with `trust_remote_code=True`
+# `save_pretrained` then writes `auto_map` into config.json and copies configuration_txl.py,
+# modeling_txl.py and cache_txl.py next to the weights, so the directory also loads with `trust_remote_code=True`
 # where hf_txl is not installed.
 TxlConfig.register_for_auto_class()
 TxlModel.register_for_auto_class("AutoModel")
@@ -37,6 +39,7 @@ TxlForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassi
 __version__ = "0.1.0"
 
 __all__ = [
+    "TxlCache",
     "TxlConfig",
     "TxlForCausalLM",
     "TxlForSequenceClassification",

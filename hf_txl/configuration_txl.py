@@ -1,32 +1,129 @@
+# Copyright 2026 The hf_txl Authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
 """Configuration of hf_txl's Transformer-XL (Dai et al. 2019, https://arxiv.org/abs/1901.02860).
 
 This file is shipped next to the weights by ``save_pretrained`` so that ``trust_remote_code`` users
-can load a model without hf_txl installed: it imports nothing from hf_txl.
+can load a model without hf_txl installed: it imports only from transformers, huggingface_hub and the
+standard library.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: `@strict` checks values against the field annotations, and
+# string annotations would switch those checks off.
+from dataclasses import field
+from typing import Any
 
-from transformers import PretrainedConfig
+from huggingface_hub.dataclasses import strict, validated_field
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
+from transformers import PreTrainedConfig
+from transformers.utils.type_validators import interval
+
+# Field metadata key: the rule a field's value must follow, worded for error messages ("a positive integer").
+_RULE = "txl_rule"
 
 
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"TxlConfig: `{name}` must be a positive integer, got {value!r}.")
+class TxlConfigFieldError(StrictDataclassFieldValidationError, ValueError):
+    """A field of a :class:`TxlConfig` has an invalid type or value.
+
+    Both huggingface_hub's strict-dataclass error (what ``@strict`` configs raise) and a ``ValueError`` (what
+    hf_txl documents), so that ``except ValueError`` and ``except StrictDataclassError`` both catch it.
+    """
+
+    def __init__(self, message: str):
+        Exception.__init__(self, message)
 
 
-def _check_probability(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"TxlConfig: `{name}` is a dropout probability and must lie in [0, 1), got {value!r}.")
+class TxlConfigClassError(StrictDataclassClassValidationError, ValueError):
+    """Fields of a :class:`TxlConfig` are individually valid but inconsistent (e.g. ``same_length`` without memory).
+
+    Both huggingface_hub's strict-dataclass error and a ``ValueError``, as :class:`TxlConfigFieldError`.
+    """
+
+    def __init__(self, message: str):
+        Exception.__init__(self, message)
 
 
-class TxlConfig(PretrainedConfig):
+def _ranged(rule: str, default: Any, **bounds: Any) -> Any:
+    """A field checked by transformers' ``interval(**bounds)``; ``rule`` words the requirement for error messages."""
+    return interval(**bounds)(default=default, metadata={_RULE: rule})
+
+
+def _positive_int(default: int) -> Any:
+    return _ranged("a positive integer", default, min=1)
+
+
+def _none_or_positive(value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"must be None or >= 1, got {value!r}")
+
+
+def _field_error(config: Any, name: str, value: Any, cause: BaseException) -> TxlConfigFieldError:
+    """The error for ``name=value``: the field's rule, and the value's type when that was what failed."""
+    config_field = config.__dataclass_fields__.get(name)
+    if config_field is None:  # not reached: only dataclass fields have validators
+        return TxlConfigFieldError(f"TxlConfig: `{name}`: {cause}")
+    annotation = config_field.type
+    rule = config_field.metadata.get(_RULE) or (
+        "a bool" if annotation is bool else f"of type {getattr(annotation, '__name__', annotation)}"
+    )
+    got = f"{value!r} ({type(value).__name__})" if isinstance(cause, TypeError) else repr(value)
+    return TxlConfigFieldError(f"TxlConfig: `{name}` must be {rule}, got {got}.")
+
+
+def _raise_value_errors(cls: type) -> type:
+    """Make the checks that ``@strict`` installed on ``cls`` raise :class:`TxlConfigFieldError` /
+    :class:`TxlConfigClassError` (``ValueError`` subclasses) with hf_txl's messages.
+
+    huggingface_hub's own ``StrictDataclassFieldValidationError`` and ``StrictDataclassClassValidationError`` derive
+    from ``Exception`` only. Apply on top of ``@strict``; a subclass decorated with ``@strict`` again needs it too.
+    Assignments through an alias (``config.hidden_size = ...``) are validated as the aliased field (``d_model``).
+    """
+    strict_setattr, strict_validate = cls.__setattr__, cls.validate
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        name = type(self).attribute_map.get(name, name)
+        try:
+            strict_setattr(self, name, value)
+        except StrictDataclassFieldValidationError as error:
+            raise _field_error(self, name, value, error.__cause__) from error.__cause__
+
+    def validate(self) -> None:
+        """Run the class validators (``validate_*``), as ``@strict``'s ``validate``, raising ``ValueError``s."""
+        try:
+            strict_validate(self)
+        except StrictDataclassClassValidationError as error:
+            raise TxlConfigClassError(str(error.__cause__)) from error.__cause__
+
+    validate.__is_defined_by_strict_decorator__ = True  # lets a `@strict` subclass replace it, as strict's own
+    cls.__setattr__, cls.validate = __setattr__, validate
+    return cls
+
+
+@_raise_value_errors
+@strict
+class TxlConfig(PreTrainedConfig):
     r"""Configuration of a Transformer-XL language model.
 
     Field names are the paper's / original code's; transformers' standard names are aliases
     (``hidden_size`` -> ``d_model``, ``num_hidden_layers`` -> ``n_layer``,
-    ``num_attention_heads`` -> ``n_head``). Defaults are the paper's enwik8 base model
+    ``num_attention_heads`` -> ``n_head``, ``n_token`` -> ``vocab_size``). Defaults are the paper's enwik8 base model
     (12 layers, d_model 512, 8 heads of 64, d_inner 2048, memory 512; 204 byte symbols as in the original
     enwik8 preprocessing).
+
+    Every field is checked when it is set (at construction and on assignment); the rules that involve several
+    fields are checked at construction, by :meth:`validate_txl` (which the model calls) and by ``save_pretrained``.
+    An invalid value raises a ``ValueError`` (:class:`TxlConfigFieldError` / :class:`TxlConfigClassError`) that
+    names the field.
 
     Args:
         vocab_size: number of tokens.
@@ -48,6 +145,8 @@ class TxlConfig(PretrainedConfig):
         untie_r: one pair of position biases u (``r_w_bias``) and v (``r_r_bias``) per layer (``True``)
             or one pair shared by all layers (``False``).
         tie_word_embeddings: share the input embedding matrix with the output projection.
+        use_cache: return the memory (a transformers ``Cache``) from the forward pass, to be passed back for the next
+            segment or generation step; only when ``mem_len > 0``.
         layer_norm_epsilon: LayerNorm epsilon.
         init_std: standard deviation of the normal initialisation of weights, embeddings, u and v.
         cutoffs: boundaries of the adaptive input / adaptive softmax clusters (Baevski & Auli 2019; Grave et al.
@@ -74,7 +173,7 @@ class TxlConfig(PretrainedConfig):
     """
 
     model_type = "hf_txl"
-    keys_to_ignore_at_inference = ["mems"]
+    keys_to_ignore_at_inference = ["cache", "mems"]
     attribute_map = {
         "hidden_size": "d_model",
         "num_hidden_layers": "n_layer",
@@ -82,100 +181,71 @@ class TxlConfig(PretrainedConfig):
         "n_token": "vocab_size",
     }
 
-    def __init__(
-        self,
-        vocab_size: int = 204,
-        d_model: int = 512,
-        n_layer: int = 12,
-        n_head: int = 8,
-        d_head: int = 64,
-        d_inner: int = 2048,
-        dropout: float = 0.1,
-        dropatt: float = 0.0,
-        mem_len: int = 512,
-        clamp_len: int = -1,
-        same_length: bool = False,
-        pre_lnorm: bool = False,
-        untie_r: bool = True,
-        tie_word_embeddings: bool = True,
-        layer_norm_epsilon: float = 1e-5,
-        init_std: float = 0.02,
-        cutoffs: list[int] | None = None,
-        div_val: int = 1,
-        d_embed: int | None = None,
-        proj_share_all_but_first: bool = False,
-        legacy_zero_mems: bool = False,
-        **kwargs,
-    ):
-        self.vocab_size = vocab_size
-        self.d_model = d_model
-        self.n_layer = n_layer
-        self.n_head = n_head
-        self.d_head = d_head
-        self.d_inner = d_inner
-        self.dropout = dropout
-        self.dropatt = dropatt
-        self.mem_len = mem_len
-        self.clamp_len = clamp_len
-        self.same_length = same_length
-        self.pre_lnorm = pre_lnorm
-        self.untie_r = untie_r
-        self.layer_norm_epsilon = layer_norm_epsilon
-        self.init_std = init_std
-        self.cutoffs = list(cutoffs) if cutoffs is not None else []
-        self.div_val = div_val
-        self.d_embed = d_embed
-        self.proj_share_all_but_first = proj_share_all_but_first
-        self.legacy_zero_mems = legacy_zero_mems
-        self.validate_txl()
-        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+    vocab_size: int = _positive_int(204)  # tokens in the vocabulary (enwik8: 204 byte symbols)
+    d_model: int = _positive_int(512)  # width of the residual stream and of the embeddings
+    n_layer: int = _positive_int(12)  # number of Transformer-XL layers
+    n_head: int = _positive_int(8)  # attention heads per layer (H)
+    d_head: int = _positive_int(64)  # width of one head (D); n_head * d_head need not equal d_model
+    d_inner: int = _positive_int(2048)  # hidden width of the position-wise feed-forward network
+    dropout: float | int = _ranged("a dropout probability in [0, 1)", 0.1, min=0, max=1, exclude_max=True)  # residual
+    dropatt: float | int = _ranged("a dropout probability in [0, 1)", 0.0, min=0, max=1, exclude_max=True)  # attention
+    mem_len: int = _ranged("an integer >= 0 (0 disables the memory)", 512, min=0)  # past states kept per layer (M)
+    clamp_len: int = _ranged("an integer >= -1 (-1 disables clamping)", -1, min=-1)  # longest relative distance
+    same_length: bool = False  # every query attends to mem_len keys (the paper's evaluation); needs mem_len > 0
+    pre_lnorm: bool = False  # LayerNorm before each sub-layer instead of after the residual sum
+    untie_r: bool = True  # one pair of position biases u, v per layer (True) or one shared pair (False)
+    tie_word_embeddings: bool = True  # the output projection (softmax) shares the input embedding weights
+    use_cache: bool = True  # the forward pass returns the memory as a transformers Cache (when mem_len > 0)
+    layer_norm_epsilon: float | int = _ranged("a number > 0", 1e-5, min=0, exclude_min=True)  # LayerNorm epsilon
+    init_std: float | int = _ranged("a number > 0", 0.02, min=0, exclude_min=True)  # std of the normal init
+    cutoffs: list[int] = field(  # adaptive softmax / input cluster boundaries; [] is one full softmax
+        default_factory=list, metadata={_RULE: "a list of strictly increasing integers in (0, vocab_size)"}
+    )
+    div_val: int = _positive_int(1)  # cluster i embeds in d_embed // div_val**i dimensions
+    d_embed: int | None = validated_field(  # width of the (head) embeddings; None means d_model
+        _none_or_positive, default=None, metadata={_RULE: "a positive integer or None (None: d_model)"}
+    )
+    proj_share_all_but_first: bool = False  # tail clusters' softmax projections reuse the input projections
+    legacy_zero_mems: bool = False  # first segment attends to mem_len zero vectors, as transformers 4.x did
+
+    def __post_init__(self, **kwargs):
+        self.cutoffs = list(self.cutoffs)  # a copy: the caller's list (or a module-level default) is not shared
+        super().__post_init__(**kwargs)
 
     def validate_txl(self) -> None:
-        """Raise ``ValueError`` naming the first invalid field. Also called by the model at construction."""
-        for name in ("vocab_size", "d_model", "n_layer", "n_head", "d_head", "d_inner"):
-            _check_positive_int(name, getattr(self, name))
-        _check_probability("dropout", self.dropout)
-        _check_probability("dropatt", self.dropatt)
-        if isinstance(self.mem_len, bool) or not isinstance(self.mem_len, int) or self.mem_len < 0:
-            raise ValueError(
-                f"TxlConfig: `mem_len` must be an integer >= 0 (0 disables the memory), got {self.mem_len!r}."
-            )
-        if isinstance(self.clamp_len, bool) or not isinstance(self.clamp_len, int) or self.clamp_len < -1:
-            raise ValueError(
-                f"TxlConfig: `clamp_len` must be an integer >= -1 (-1 disables clamping), got {self.clamp_len!r}."
-            )
+        """Raise ``ValueError`` naming the first invalid field.
+
+        Part of the ``@strict`` validation (it runs at construction and in ``save_pretrained``); the model calls it
+        at construction too. It re-checks every field, so that it also catches changes that bypass assignment
+        checks (``config.cutoffs.append(...)``), then the rules that involve several fields.
+        """
+        for name, validators in type(self).__validators__.items():
+            value = getattr(self, name)
+            for validator in validators:
+                try:
+                    validator(value)
+                except (ValueError, TypeError) as error:
+                    raise _field_error(self, name, value, error) from error
         if self.same_length and self.mem_len == 0:
-            raise ValueError(
+            raise TxlConfigClassError(
                 "TxlConfig: `same_length=True` makes every query attend to exactly `mem_len` keys and needs "
                 "`mem_len > 0`; set `mem_len` or turn `same_length` off."
             )
-        if not isinstance(self.layer_norm_epsilon, (int, float)) or self.layer_norm_epsilon <= 0:
-            raise ValueError(f"TxlConfig: `layer_norm_epsilon` must be > 0, got {self.layer_norm_epsilon!r}.")
-        if not isinstance(self.init_std, (int, float)) or self.init_std <= 0:
-            raise ValueError(f"TxlConfig: `init_std` must be > 0, got {self.init_std!r}.")
         self._validate_adaptive()
 
     def _validate_adaptive(self) -> None:
-        _check_positive_int("div_val", self.div_val)
-        if self.d_embed is not None:
-            _check_positive_int("d_embed", self.d_embed)
         cutoffs = self.cutoffs
-        if not all(isinstance(c, int) and not isinstance(c, bool) for c in cutoffs) or any(
-            not a < b for a, b in zip([0, *cutoffs], [*cutoffs, self.vocab_size])
-        ):
-            raise ValueError(
+        if any(not a < b for a, b in zip([0, *cutoffs], [*cutoffs, self.vocab_size])):
+            raise TxlConfigClassError(
                 f"TxlConfig: `cutoffs` must be strictly increasing integers in (0, vocab_size={self.vocab_size}), "
                 f"got {cutoffs!r}."
             )
         if self.embed_dim() // self.div_val ** len(cutoffs) < 1:
-            raise ValueError(
+            raise TxlConfigClassError(
                 f"TxlConfig: with `div_val={self.div_val}` the last of the {len(cutoffs) + 1} clusters would embed "
                 f"in d_embed // div_val**{len(cutoffs)} = 0 dimensions; raise `d_embed` ({self.embed_dim()}) or lower "
                 "`div_val`."
             )
-        for name in ("proj_share_all_but_first", "legacy_zero_mems"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"TxlConfig: `{name}` must be a bool, got {getattr(self, name)!r}.")
 
     def embed_dim(self) -> int:
         """Width of the (head cluster's) embeddings: ``d_embed``, or ``d_model`` when it is None."""
@@ -186,4 +256,4 @@ class TxlConfig(PretrainedConfig):
         return bool(self.cutoffs) or self.div_val != 1 or self.embed_dim() != self.d_model
 
 
-__all__ = ["TxlConfig"]
+__all__ = ["TxlConfig", "TxlConfigClassError", "TxlConfigFieldError"]

@@ -1,3 +1,16 @@
+# Copyright 2026 The hf_txl Authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
 """Transformer-XL (Dai et al. 2019, https://arxiv.org/abs/1901.02860) as a transformers v5 model.
 
 Notation used in shape comments:
@@ -9,20 +22,22 @@ Public tensors are batch-first. Internally attention works in the ``[B, H, T, D]
 What is kept from the original code (kimiyoung/transformer-xl, ``attn_type=0``):
     * relative positional attention with a sinusoidal R, its own projection ``W_{k,R}`` and the
       biases u (``r_w_bias``) and v (``r_r_bias``), per layer or shared (``untie_r``);
-    * segment-level recurrence: layer l attends over ``[mems[l]; h_l]`` where ``mems[l]`` holds the
-      *inputs* of layer l at the last M positions, detached from the autograd graph;
+    * segment-level recurrence: layer l attends over ``[memory_l; h_l]`` where ``memory_l`` holds the
+      *inputs* of layer l at the last M positions, detached from the autograd graph (:class:`TxlCache`);
     * the first segment starts from an **empty** memory (the transformers 4.x port started from M zero
       vectors that were attended to; ``config.legacy_zero_mems`` reproduces that for converted checkpoints);
     * adaptive input and the projected adaptive log-softmax (``cutoffs``, ``div_val``, ``d_embed``) for word-level
       vocabularies; with them ``TxlForCausalLM.logits`` are log-probabilities;
     * post-norm by default, ReLU feed-forward, embeddings scaled by sqrt(d_model), no final LayerNorm.
 
-Deliberate additions: an ``attention_mask`` for padded batches whose padding is remembered by the
-memory (:class:`TxlMems`), an SDPA attention path next to the eager reference, and a transformers-style
-``loss`` / ``generate()``.
+Deliberate additions: an ``attention_mask`` for padded batches whose padding is remembered by the memory, an SDPA
+attention function next to the eager reference (chosen by ``config._attn_implementation``), the memory as a
+transformers ``Cache`` (``cache=``, alias ``mems=``), and a transformers-style ``loss`` / ``generate()``.
 
-This file is shipped next to the weights by ``save_pretrained`` so that ``trust_remote_code`` users can
-load the model without hf_txl: it only imports torch, transformers and ``.configuration_txl``.
+Layout, small to big: positions, dropout, attention functions, attention module, feed-forward, layer, adaptive
+embedding and softmax, outputs, pretrained base, model, heads. This file is shipped next to the weights by
+``save_pretrained`` so that ``trust_remote_code`` users can load the model without hf_txl: it imports only torch,
+transformers and its two siblings ``.configuration_txl`` and ``.cache_txl``.
 """
 
 from __future__ import annotations
@@ -35,160 +50,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import AttentionInterface
+from transformers.utils import ModelOutput, can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
 
+from .cache_txl import TxlCache, resolve_cache
 from .configuration_txl import TxlConfig
 
-try:  # transformers >= 5: initialisers that skip weights already loaded from a checkpoint
-    from transformers import initialization as init
-except ImportError:  # pragma: no cover
-    from torch.nn import init
-
-
 # ----------------------------------------------------------------------------------------------------
-# Memory
-# ----------------------------------------------------------------------------------------------------
-
-
-class TxlMems(Sequence):
-    """The recurrent memory: one batch-first tensor ``[B, M, d_model]`` per layer.
-
-    It behaves as a read-only sequence of ``n_layer`` tensors (``len``, indexing, iteration), so code
-    written for the original ``mems`` list keeps working. ``mems[l]`` holds the inputs of layer ``l`` at
-    the last ``M`` positions (layer 0's memory is the scaled embedding output). The tensors never carry an
-    autograd graph.
-
-    Besides the hidden states it remembers which memory positions were padding
-    (``padding_mask``: ``[B, M]`` bool, ``True`` for a real token; ``None`` when every position is real),
-    so that left-padded prompts stay masked after they moved into the memory.
-
-    Inference caches (filled only when no gradient is needed and the model is in eval mode, e.g. in
-    ``generate()`` or an evaluation loop; ignored otherwise, so training is unaffected):
-
-    * ``kv``: per layer, the projected keys and values ``[B, M, 2 * H * D]`` of the memory positions. They
-      depend only on the memory's hidden states and the layer's weights, so the next segment reuses them
-      instead of projecting the memory again; truncated to ``mem_len`` together with the hidden states.
-    * ``r_head``: per layer, ``W_{k,R} R_p`` ``[K', H * D]`` for distances ``K'-1 .. 0``; it depends only on
-      the distance, the weights and ``clamp_len``, so any shorter key length reads its last rows.
-
-    ``cache_key`` records what the caches were computed with (weight versions, dtype, autocast state,
-    ``clamp_len``); a model whose key differs recomputes them. During inference the hidden states and ``kv`` are
-    views into a preallocated :class:`_MemoryStore`, so a step writes only its own new positions instead of
-    copying the whole memory.
-
-    Pass ``outputs.mems`` back as ``mems=`` to continue the recurrence. A plain list or tuple of tensors is
-    accepted as well (every position is then taken as a real token).
-    """
-
-    def __init__(
-        self,
-        hidden: Sequence[torch.Tensor],
-        padding_mask: torch.Tensor | None = None,
-        *,
-        kv: Sequence[torch.Tensor] | None = None,
-        r_head: Sequence[torch.Tensor] | None = None,
-        cache_key: tuple | None = None,
-        store: _MemoryStore | None = None,
-        store_end: int = 0,
-    ):
-        self.hidden = tuple(hidden)
-        self.padding_mask = padding_mask
-        self.kv = None if kv is None else tuple(kv)
-        self.r_head = None if r_head is None else tuple(r_head)
-        self.cache_key = cache_key
-        self.store, self.store_end = store, store_end  # the views' storage, and where they end in it
-
-    def __getitem__(self, index):
-        return self.hidden[index]
-
-    def __len__(self) -> int:
-        return len(self.hidden)
-
-    def __repr__(self) -> str:
-        shape = tuple(self.hidden[0].shape) if self.hidden else ()
-        cached = self.kv is not None
-        return f"TxlMems(n_layer={len(self)}, shape={shape}, padded={self.padding_mask is not None}, cached={cached})"
-
-    @property
-    def mem_len(self) -> int:
-        """Number of positions held (M)."""
-        return self.hidden[0].shape[1] if self.hidden else 0
-
-    @property
-    def batch_size(self) -> int:
-        return self.hidden[0].shape[0]
-
-    def _with(self, hidden, mask, kv) -> TxlMems:
-        return TxlMems(hidden, mask, kv=kv, r_head=self.r_head, cache_key=self.cache_key)
-
-    def index_select(self, index: torch.Tensor) -> TxlMems:
-        """A new memory keeping batch rows ``index`` (beam search reorders its beams with this)."""
-        hidden = [h.index_select(0, index.to(h.device)) for h in self.hidden]
-        mask = None if self.padding_mask is None else self.padding_mask.index_select(0, index.to(hidden[0].device))
-        kv = None if self.kv is None else [c.index_select(0, index.to(c.device)) for c in self.kv]
-        return self._with(hidden, mask, kv)
-
-    def repeat_interleave(self, repeats: int) -> TxlMems:
-        """Repeat every batch row ``repeats`` times (``num_return_sequences`` / ``num_beams`` expansion)."""
-        hidden = [h.repeat_interleave(repeats, dim=0) for h in self.hidden]
-        mask = None if self.padding_mask is None else self.padding_mask.repeat_interleave(repeats, dim=0)
-        kv = None if self.kv is None else [c.repeat_interleave(repeats, dim=0) for c in self.kv]
-        return self._with(hidden, mask, kv)
-
-    def to(self, *args, **kwargs) -> TxlMems:
-        """Move / convert the hidden states. The caches are kept when neither device nor dtype change, and
-        dropped otherwise (the model recomputes them on the next call)."""
-        hidden = [h.to(*args, **kwargs) for h in self.hidden]
-        mask = None
-        if self.padding_mask is not None:
-            mask = self.padding_mask.to(device=hidden[0].device)
-        same = hidden[0].dtype == self.hidden[0].dtype and hidden[0].device == self.hidden[0].device
-        return self._with(hidden, mask, self.kv) if same else TxlMems(hidden, mask)
-
-    def detach(self) -> TxlMems:
-        hidden = [h.detach() for h in self.hidden]
-        return TxlMems(hidden, self.padding_mask, kv=self.kv, r_head=self.r_head, cache_key=self.cache_key,
-                       store=self.store, store_end=self.store_end)  # fmt: skip
-
-    def appendable(self, qlen: int) -> bool:
-        """Whether the next ``qlen`` positions can be written in place after this memory's views (see
-        :class:`_MemoryStore`; the caller checks that the caches are fresh)."""
-        store = self.store
-        return store is not None and store.fill == self.store_end and self.store_end + qlen <= store.capacity
-
-    def without_cache(self) -> TxlMems:
-        """The same memory without the inference caches."""
-        return TxlMems(self.hidden, self.padding_mask)
-
-
-class _MemoryStore:
-    """Preallocated inference storage behind :class:`TxlMems`: per layer, hidden states ``[B, C, d_model]`` and
-    projected keys/values ``[B, C, 2*H*D]`` for ``C`` (capacity) positions, of which ``[0, fill)`` are written.
-
-    A step with memory positions ``[start, end)`` writes its ``T`` new positions at ``[end, end + T)``, attends to
-    the contiguous view ``[start, end + T)``, and returns the memory ``[max(start, end + T - mem_len), end + T)``:
-    views, no copy of the memory. This is only allowed while ``end == fill``, i.e. no other step has written
-    after this memory yet; reusing an older memory (a second continuation of the same prefix) therefore copies it
-    into a new store instead of overwriting what a newer memory still shows. When the capacity is reached the
-    memory moves to a new store (``C = mem_len + max(T, ceil(mem_len / 4))``), so a generation step copies four
-    positions per step on average instead of the whole memory, and the store holds at most a quarter more than the
-    memory (or one segment more).
-    """
-
-    def __init__(self, hidden: list[torch.Tensor], kv: list[torch.Tensor]):
-        self.hidden, self.kv = hidden, kv
-        self.capacity = hidden[0].shape[1]
-        self.fill = 0
-
-    @classmethod
-    def empty(cls, n_layer, batch, capacity, d_model, kv_width, dtype, kv_dtype, device) -> _MemoryStore:
-        hidden = [torch.empty(batch, capacity, d_model, dtype=dtype, device=device) for _ in range(n_layer)]
-        kv = [torch.empty(batch, capacity, kv_width, dtype=kv_dtype, device=device) for _ in range(n_layer)]
-        return cls(hidden, kv)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Positional maths
+# Positions
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -253,97 +125,6 @@ def sees_every_key(qlen: int, mlen: int, mem_len: int, same_length: bool) -> boo
 
 
 # ----------------------------------------------------------------------------------------------------
-# Attention kernels: one eager reference, one SDPA path
-# ----------------------------------------------------------------------------------------------------
-
-
-def eager_rel_attention(q, k, v, position_scores, allowed, *, u, scale, dropout_p, training):
-    """Reference relative attention.
-
-    score(i, j) = [(q_i + u)·k_j  +  BD(i, j)] / sqrt(D)   with BD the rel-shifted position term,
-    softmax over allowed keys, then a weighted sum of the values.
-
-    q ``[B, H, T, D]``, k and v ``[B, H, K, D]``, position_scores ``[B, H, T, K]`` (unscaled BD),
-    allowed ``[B|1, T, K]`` bool (None: every key), u ``[H, D]``. Returns the attention output ``[B, H, T, D]``
-    and the probabilities ``[B, H, T, K]``.
-    """
-    content_scores = torch.matmul(q + u[:, None, :], k.transpose(-1, -2))  # AC: [B, H, T, K]
-    scores = (content_scores + position_scores) * scale
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
-    probs = F.dropout(probs, p=dropout_p, training=training)
-    return torch.matmul(probs, v), probs  # [B, H, T, D]
-
-
-class _ShiftedView(torch.autograd.Function):
-    """The rel-shift of a position term computed with a leading zero column, as a view (see
-    :func:`fused_rel_attention`); its backward writes the gradient back into the padded layout with one copy
-    (autograd's generic slice backward would zero the whole padded tensor first)."""
-
-    @staticmethod
-    def forward(ctx, padded):  # [B, H, T, K+1], column 0 zero
-        batch, n_head, qlen, klen_1 = padded.shape
-        ctx.shape = padded.shape
-        return padded.view(batch, n_head, klen_1, qlen)[:, :, 1:].view(batch, n_head, qlen, klen_1 - 1)
-
-    @staticmethod
-    def backward(ctx, grad):  # [B, H, T, K]
-        batch, n_head, qlen, klen_1 = ctx.shape
-        out = grad.new_empty(batch, n_head, qlen * klen_1)
-        out[..., :qlen].zero_()  # the padding column's T entries, wrapped to the front
-        out[..., qlen:].view(batch, n_head, qlen, klen_1 - 1).copy_(grad)
-        return out.view(ctx.shape)
-
-
-def _shifted_view(padded: torch.Tensor) -> torch.Tensor:
-    """``padded`` ``[B, H, T, K+1]`` whose column 0 is zero -> the rel-shifted ``[B, H, T, K]`` (equal to
-    :func:`rel_shift` of columns ``1..K``), without a copy."""
-    return _ShiftedView.apply(padded)
-
-
-def fused_rel_attention(q, k, v, r_head, allowed, *, u, v_bias, scale, dropout_p, training):
-    """The fast path (``attn_implementation="sdpa"``): the maths of :func:`eager_rel_attention` with fewer passes
-    over the ``[B, H, T, K]`` score tensors.
-
-    * The rel-shift costs no copy: the position projection gets a zero column in front (``r_pad`` ``[H, D, K+1]``),
-      so the matmul itself writes the padded ``[T, K+1]`` rows of :func:`rel_shift`, and the shift is a view.
-    * The scale 1/sqrt(D) is folded into the (small) position projection and into the ``baddbmm``'s alpha.
-    * The mask is applied once, to the position term, which then is the additive ``attn_mask`` of SDPA (no
-      gradient needed: CPU/GPU fused kernels) or the accumulator of one ``baddbmm`` that adds the content term
-      (training: SDPA cannot return a gradient for its mask, and its math fallback is slower than this).
-
-    q ``[B, H, T, D]``, k and v ``[B, H, K, D]``, r_head ``[K, H*D]`` (W_{k,R} R for distances K-1 .. 0),
-    allowed ``[B|1, T, K]`` bool (None: every key), u and v_bias ``[H, D]``. Returns the attention output
-    ``[B, H, T, D]`` and None.
-    """
-    batch, n_head, qlen, d_head = q.shape
-    klen = k.shape[2]
-    r_k = r_head.view(klen, n_head, d_head).permute(1, 2, 0)  # [H, D, K]
-    if qlen == 1:  # one query (a generation step) at distance K-1-j from key j: no shift, nothing to pad
-        position = torch.matmul((q + v_bias[:, None, :]) * scale, r_k)  # [B, H, 1, K], scaled
-    else:
-        r_pad = F.pad(r_k * scale, (1, 0))  # [H, D, K+1], column 0 zero
-        position = torch.matmul(q + v_bias[:, None, :], r_pad)  # [B, H, T, K+1], scaled
-        position = _shifted_view(position)  # [B, H, T, K]: the rel-shift, a view
-    bias = position  # [B, H, T, K]
-    if allowed is not None:
-        bias = position.masked_fill(~allowed[:, None], torch.finfo(position.dtype).min)
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or r_head.requires_grad)
-    if not needs_grad and not (training and dropout_p > 0):
-        out = F.scaled_dot_product_attention(q + u[:, None, :], k, v, attn_mask=bias, scale=scale)
-        return out, None
-    content_q = (q + u[:, None, :]).reshape(batch * n_head, qlen, d_head)  # [B*H, T, D]
-    keys = k.reshape(batch * n_head, klen, d_head).transpose(1, 2)  # [B*H, D, K]
-    # AC * scale + (BD * scale, masked) in one GEMM that accumulates into the position term.
-    scores = torch.baddbmm(bias.reshape(batch * n_head, qlen, klen), content_q, keys, alpha=scale)  # [B*H, T, K]
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
-    probs = fast_dropout(probs, dropout_p, training)
-    out = torch.bmm(probs, v.reshape(batch * n_head, klen, d_head))  # [B*H, T, D]
-    return out.view(batch, n_head, qlen, d_head), None
-
-
-# ----------------------------------------------------------------------------------------------------
 # Dropout
 # ----------------------------------------------------------------------------------------------------
 
@@ -387,18 +168,127 @@ def fast_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return _WordDropout.apply(x, p)
 
 
+TXL_DROPOUT_FUNCTIONS = {"sdpa": fast_dropout}  # by attention implementation; the eager reference keeps F.dropout
+
+
 class TxlDropout(nn.Dropout):
-    """``nn.Dropout`` computed with :func:`fast_dropout` on the fast path (``attn_implementation="sdpa"``);
-    the eager reference keeps ``F.dropout``."""
+    """``nn.Dropout`` computed with the dropout of the attention implementation (:func:`fast_dropout` for
+    ``"sdpa"``; ``F.dropout`` for the eager reference)."""
 
     def __init__(self, config: TxlConfig):
         super().__init__(config.dropout)
         self.config = config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.config._attn_implementation == "sdpa":
-            return fast_dropout(x, self.p, self.training)
-        return F.dropout(x, self.p, self.training)
+        dropout = TXL_DROPOUT_FUNCTIONS.get(self.config._attn_implementation, F.dropout)
+        return dropout(x, self.p, self.training)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention functions: one eager reference, one SDPA implementation with the same signature
+# ----------------------------------------------------------------------------------------------------
+
+
+def eager_rel_attention(module, query, key, value, position_head, allowed, *, u, v, scaling, dropout=0.0, **kwargs):
+    r"""The paper's relative attention score (Dai et al. 2019, Sec. 3.3), the reference for every other implementation:
+
+        A_{i,j} = q_i·k_j + q_i·W_{k,R} R_{i-j} + u·k_j + v·W_{k,R} R_{i-j}
+                = (q_i + u)·k_j  +  (q_i + v)·W_{k,R} R_{i-j}
+                =       AC       +         BD
+
+    scaled by 1/sqrt(D), softmax over the allowed keys, then a weighted sum of the values. BD is computed for every
+    relative distance with one matmul and realigned to keys by :func:`rel_shift`.
+
+    query ``[B, H, T, D]``, key and value ``[B, H, K, D]``, position_head ``[K, H*D]`` (W_{k,R} R for distances
+    K-1 .. 0), allowed ``[B|1, T, K]`` bool (None: every key), u and v ``[H, D]``. Returns the output ``[B, T, H, D]``
+    and the probabilities ``[B, H, T, K]``.
+    """
+    n_head, d_head, klen = query.shape[1], query.shape[3], key.shape[2]
+    r_k = position_head.view(klen, n_head, d_head).permute(1, 2, 0)  # [H, D, K]
+    content_scores = torch.matmul(query + u[:, None, :], key.transpose(-1, -2))  # AC: [B, H, T, K]
+    position_scores = rel_shift(torch.matmul(query + v[:, None, :], r_k))  # BD: [B, H, T, K], column j is key j
+    scores = (content_scores + position_scores) * scaling
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs  # [B, T, H, D]
+
+
+class _ShiftedView(torch.autograd.Function):
+    """The rel-shift of a position term computed with a leading zero column, as a view (see
+    :func:`fused_rel_attention`); its backward writes the gradient back into the padded layout with one copy
+    (autograd's generic slice backward would zero the whole padded tensor first)."""
+
+    @staticmethod
+    def forward(ctx, padded):  # [B, H, T, K+1], column 0 zero
+        batch, n_head, qlen, klen_1 = padded.shape
+        ctx.shape = padded.shape
+        return padded.view(batch, n_head, klen_1, qlen)[:, :, 1:].view(batch, n_head, qlen, klen_1 - 1)
+
+    @staticmethod
+    def backward(ctx, grad):  # [B, H, T, K]
+        batch, n_head, qlen, klen_1 = ctx.shape
+        out = grad.new_empty(batch, n_head, qlen * klen_1)
+        out[..., :qlen].zero_()  # the padding column's T entries, wrapped to the front
+        out[..., qlen:].view(batch, n_head, qlen, klen_1 - 1).copy_(grad)
+        return out.view(ctx.shape)
+
+
+def _shifted_view(padded: torch.Tensor) -> torch.Tensor:
+    """``padded`` ``[B, H, T, K+1]`` whose column 0 is zero -> the rel-shifted ``[B, H, T, K]`` (equal to
+    :func:`rel_shift` of columns ``1..K``), without a copy."""
+    return _ShiftedView.apply(padded)
+
+
+def sdpa_rel_attention(module, query, key, value, position_head, allowed, *, u, v, scaling, dropout=0.0, **kwargs):
+    """The maths of :func:`eager_rel_attention` with fewer passes over the ``[B, H, T, K]`` scores
+    (``attn_implementation="sdpa"``, the default).
+
+    * BD needs no shift copy: the position projection gets a zero column in front (``[H, D, K+1]``), so the matmul
+      itself writes the padded rows of :func:`rel_shift` and the shift is a view. One query (a generation step) sits
+      at distance ``K-1-j`` from key j: nothing to shift.
+    * The scale 1/sqrt(D) is folded into the (small) position projection; the mask is applied once, to BD.
+    * Without gradients BD is the additive ``attn_mask`` of ``F.scaled_dot_product_attention`` (fused kernels). With
+      them (SDPA cannot return a gradient for its mask) one ``baddbmm`` adds AC into BD, and dropout is
+      :func:`fast_dropout`.
+
+    Same arguments and shapes as :func:`eager_rel_attention`; returns the output and None.
+    """
+    batch, n_head, qlen, d_head = query.shape
+    klen = key.shape[2]
+    r_k = position_head.view(klen, n_head, d_head).permute(1, 2, 0)  # [H, D, K]
+    if qlen == 1:
+        position_scores = torch.matmul((query + v[:, None, :]) * scaling, r_k)  # BD * scale: [B, H, 1, K]
+    else:
+        r_padded = F.pad(r_k * scaling, (1, 0))  # [H, D, K+1], column 0 zero
+        position_scores = _ShiftedView.apply(torch.matmul(query + v[:, None, :], r_padded))  # BD * scale: [B, H, T, K]
+    if allowed is not None:
+        position_scores = position_scores.masked_fill(~allowed[:, None], torch.finfo(position_scores.dtype).min)
+    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or position_head.requires_grad)
+    if not needs_grad and dropout == 0.0:
+        out = F.scaled_dot_product_attention(
+            query + u[:, None, :], key, value, attn_mask=position_scores, scale=scaling
+        )
+        return out.transpose(1, 2).contiguous(), None  # [B, T, H, D]
+    content_query = (query + u[:, None, :]).reshape(batch * n_head, qlen, d_head)  # [B*H, T, D]
+    keys = key.reshape(batch * n_head, klen, d_head).transpose(1, 2)  # [B*H, D, K]
+    # AC * scale + (BD * scale, masked) in one GEMM that accumulates into the position term.
+    scores = torch.baddbmm(position_scores.reshape(batch * n_head, qlen, klen), content_query, keys, alpha=scaling)
+    probs = fast_dropout(torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype), dropout, module.training)
+    out = torch.bmm(probs, value.reshape(batch * n_head, klen, d_head))  # [B*H, T, D]
+    return out.view(batch, n_head, qlen, d_head).transpose(1, 2).contiguous(), None  # [B, T, H, D]
+
+
+class TxlAttentionInterface(AttentionInterface):
+    """The relative-attention functions, by ``config._attn_implementation`` (``"eager"`` is
+    :func:`eager_rel_attention`). Their signature is not transformers' (they take the position term), so they live
+    in this registry of their own: ``TxlAttentionInterface.register("name", fn)`` adds one."""
+
+    _global_mapping = {"sdpa": sdpa_rel_attention}
+
+
+TXL_ATTENTION_FUNCTIONS = TxlAttentionInterface()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -413,9 +303,9 @@ class TxlRelAttention(nn.Module):
     segment positions only, keys and values for all K positions. ``r_proj`` is W_{k,R}.
     """
 
-    def __init__(self, config: TxlConfig):
+    def __init__(self, config: TxlConfig, layer_idx: int):
         super().__init__()
-        self.config = config
+        self.config, self.layer_idx = config, layer_idx
         self.n_head, self.d_head = config.n_head, config.d_head
         inner = config.n_head * config.d_head
         self.qkv_proj = nn.Linear(config.d_model, 3 * inner, bias=False)
@@ -430,64 +320,46 @@ class TxlRelAttention(nn.Module):
             self.r_w_bias = nn.Parameter(torch.zeros(config.n_head, config.d_head))  # u
             self.r_r_bias = nn.Parameter(torch.zeros(config.n_head, config.d_head))  # v
 
-    def forward(
-        self, hidden, mem, pos_emb, allowed, r_w_bias, r_r_bias, output_attentions=False,
-        kv_buffer=None, memory_kv_ready=False, r_head=None,
-    ):  # fmt: skip
-        """hidden ``[B, T, d]``, mem ``[B, M, d]`` or None, pos_emb ``[K, d]`` (None when ``r_head`` is given),
-        allowed ``[B|1, T, K]`` bool or None (every key visible).
-
-        Inference caches (see :class:`TxlMems`): ``kv_buffer`` ``[B, K, 2*H*D]`` is this layer's view of the memory
-        store; the segment's keys and values are written into its last T rows, and its first M rows already hold
-        the memory's when ``memory_kv_ready`` (otherwise they are projected and written). ``r_head`` ``[K, H*D]``
-        replaces ``r_proj(pos_emb)``. Returns the output ``[B, T, d]`` and the attention probabilities (eager path
-        with ``output_attentions``) or None.
-        """
-        batch, qlen, _ = hidden.shape
+    def forward(self, hidden_states, memory, position_embeddings, allowed, r_w_bias, r_r_bias, cache=None, **kwargs):
+        """hidden_states ``[B, T, d]``, memory ``[B, M, d]`` or None, position_embeddings R ``[K', d]`` for distances
+        ``K'-1 .. 0`` (None when the cache has the projection), allowed ``[B|1, T, K]`` or None (every key). ``cache``
+        (inference only) supplies the memory's projected keys/values and position term. Returns the output
+        ``[B, T, d]`` and the attention probabilities (eager) or None."""
+        batch, qlen, _ = hidden_states.shape
         inner = self.n_head * self.d_head
-        x = self.layer_norm(hidden) if self.pre_lnorm else hidden
-        q, kv = self.qkv_proj(x).split([inner, 2 * inner], dim=-1)  # [B, T, H*D], [B, T, 2*H*D]
-        # The memory is projected apart from the segment: it needs no input gradient (it is detached), and the
-        # projection is cached during inference.
-        mlen = 0 if mem is None else mem.shape[1]
-        mem_kv = None
-        if mem is not None and not (kv_buffer is not None and memory_kv_ready):
-            w_kv = self.qkv_proj.weight[inner:]
-            mem_kv = F.linear(self.layer_norm(mem) if self.pre_lnorm else mem, w_kv)  # [B, M, 2*H*D]
-        if kv_buffer is not None:  # inference: write into the store, attend to its view
-            if mem_kv is not None:
-                kv_buffer[:, :mlen].copy_(mem_kv)
-            kv_buffer[:, mlen:].copy_(kv)
-            kv = kv_buffer  # [B, K, 2*H*D]
-        elif mem_kv is not None:
-            kv = torch.cat([mem_kv, kv], dim=1)  # [B, K, 2*H*D]
-        klen = kv.shape[1]
-        k, v = kv.view(batch, klen, 2, self.n_head, self.d_head).unbind(2)  # [B, K, H, D] each
-        q = q.view(batch, qlen, self.n_head, self.d_head).transpose(1, 2)  # [B, H, T, D]
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, H, K, D]
-        if r_head is None:
-            r_head = self.r_proj(pos_emb)  # [K, H*D]
-
-        implementation = self.config._attn_implementation or "eager"
-        if output_attentions or implementation != "sdpa":  # the eager reference (it alone returns probabilities)
-            r_k = r_head.view(klen, self.n_head, self.d_head).permute(1, 2, 0)  # [H, D, K]
-            # BD(i, c) = (q_i + v)·W_{k,R} R_{K-1-c}, then realigned so column j is key j.
-            position_scores = rel_shift(torch.matmul(q + r_r_bias[:, None, :], r_k))  # [B, H, T, K]
-            out, probs = eager_rel_attention(
-                q, k, v, position_scores, allowed,
-                u=r_w_bias, scale=self.scaling, dropout_p=self.dropatt, training=self.training,
-            )  # fmt: skip
+        x = self.layer_norm(hidden_states) if self.pre_lnorm else hidden_states
+        query, key_value = self.qkv_proj(x).split([inner, 2 * inner], dim=-1)  # [B, T, H*D], [B, T, 2*H*D]
+        # The memory is projected apart from the segment: it needs no input gradient, and during inference the cache
+        # keeps its projection.
+        if cache is not None:
+            key_value = cache.update(key_value, self.layer_idx, self.project_memory)  # [B, K, 2*H*D]
+        elif memory is not None and memory.shape[1]:
+            key_value = torch.cat([self.project_memory(memory), key_value], dim=1)  # [B, K, 2*H*D]
+        klen = key_value.shape[1]
+        if cache is not None:
+            position_head = cache.position_head(self.layer_idx, klen, lambda: self.r_proj(position_embeddings))
         else:
-            out, probs = fused_rel_attention(
-                q, k, v, r_head, allowed,
-                u=r_w_bias, v_bias=r_r_bias, scale=self.scaling, dropout_p=self.dropatt, training=self.training,
-            )  # fmt: skip
-        out = out.transpose(1, 2).reshape(batch, qlen, inner)  # [B, T, H*D]
-        out = self.o_proj(out)
+            position_head = self.r_proj(position_embeddings[-klen:])  # [K, H*D]
+
+        query = query.view(batch, qlen, self.n_head, self.d_head).transpose(1, 2)  # [B, H, T, D]
+        key, value = key_value.view(batch, klen, 2, self.n_head, self.d_head).unbind(2)  # [B, K, H, D] each
+        key, value = key.transpose(1, 2), value.transpose(1, 2)  # [B, H, K, D]
+        implementation = "eager" if kwargs.get("output_attentions") else self.config._attn_implementation or "eager"
+        attention = TXL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_rel_attention)
+        out, probs = attention(
+            self, query, key, value, position_head, allowed,
+            u=r_w_bias, v=r_r_bias, scaling=self.scaling, dropout=self.dropatt if self.training else 0.0,
+        )  # fmt: skip
+        out = self.o_proj(out.reshape(batch, qlen, inner))
         if self.training:  # (skipping the eval no-op saves per-token overhead in generation)
             out = self.drop(out)
-        out = hidden + out if self.pre_lnorm else self.layer_norm(hidden + out)
+        out = hidden_states + out if self.pre_lnorm else self.layer_norm(hidden_states + out)
         return out, probs
+
+    def project_memory(self, memory: torch.Tensor) -> torch.Tensor:
+        """The memory's keys and values ``[B, M, 2*H*D]``."""
+        inner = self.n_head * self.d_head
+        return F.linear(self.layer_norm(memory) if self.pre_lnorm else memory, self.qkv_proj.weight[inner:])
 
 
 class TxlFeedForward(nn.Module):
@@ -512,19 +384,23 @@ class TxlFeedForward(nn.Module):
         return hidden + x if self.pre_lnorm else self.layer_norm(hidden + x)
 
 
-class TxlLayer(nn.Module):
-    """One Transformer-XL decoder layer: relative attention then feed-forward."""
+class TxlLayer(GradientCheckpointingLayer):
+    """One Transformer-XL layer: relative attention then feed-forward.
 
-    def __init__(self, config: TxlConfig):
+    The memory is an explicit (positional) argument besides the cache: gradient checkpointing hides the cache from a
+    layer and replays it in the backward pass, which must then see the same memory. The cache is only passed during
+    inference (it holds projections; the model writes the new memory after the last layer)."""
+
+    def __init__(self, config: TxlConfig, layer_idx: int):
         super().__init__()
-        self.attn = TxlRelAttention(config)
+        self.attn = TxlRelAttention(config, layer_idx)
         self.ff = TxlFeedForward(config)
 
-    def forward(self, hidden, mem, pos_emb, allowed, r_w_bias, r_r_bias, output_attentions=False, *caches):
-        """``caches``: ``kv_buffer, memory_kv_ready, r_head`` of :meth:`TxlRelAttention.forward` (positional
-        arguments, as gradient checkpointing passes them)."""
-        hidden, probs = self.attn(hidden, mem, pos_emb, allowed, r_w_bias, r_r_bias, output_attentions, *caches)
-        return self.ff(hidden), probs
+    def forward(self, hidden_states, memory, position_embeddings, allowed, r_w_bias, r_r_bias, cache=None, **kwargs):
+        hidden_states, _ = self.attn(
+            hidden_states, memory, position_embeddings, allowed, r_w_bias, r_r_bias, cache=cache, **kwargs
+        )
+        return self.ff(hidden_states)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -727,42 +603,56 @@ class TxlModelOutput(ModelOutput):
     """Output of :class:`TxlModel`.
 
     last_hidden_state: ``[B, T, d_model]``.
-    mems: :class:`TxlMems` to pass back as ``mems=`` (None when ``mem_len == 0`` or ``use_cache=False``).
-    hidden_states: ``n_layer + 1`` tensors ``[B, T, d_model]`` when ``output_hidden_states``.
-    attentions: ``n_layer`` tensors ``[B, H, T, K]`` when ``output_attentions``.
+    cache: the :class:`TxlCache` to pass back as ``cache=`` (None when ``mem_len == 0`` or ``use_cache=False``);
+        ``mems`` is the same object.
+    hidden_states: ``n_layer + 1`` tensors ``[B, T, d_model]`` with ``output_hidden_states``.
+    attentions: ``n_layer`` tensors ``[B, H, T, K]`` with ``output_attentions``.
     """
 
     last_hidden_state: torch.Tensor | None = None
-    mems: TxlMems | None = None
+    cache: TxlCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+
+    @property
+    def mems(self) -> TxlCache | None:
+        """The memory under its original name (the same object as ``cache``)."""
+        return self.cache
 
 
 @dataclass
 class TxlCausalLMOutput(ModelOutput):
     """Output of :class:`TxlForCausalLM`: ``loss`` (scalar, when labels are given), ``logits``
-    ``[B, T, V]``, and the fields of :class:`TxlModelOutput`."""
+    ``[B, T, V]``, and the fields of :class:`TxlModelOutput` (``mems`` is ``cache``)."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    mems: TxlMems | None = None
+    cache: TxlCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+
+    @property
+    def mems(self) -> TxlCache | None:
+        return self.cache
 
 
 @dataclass
 class TxlSequenceClassifierOutput(ModelOutput):
-    """Output of :class:`TxlForSequenceClassification`: ``loss``, ``logits`` ``[B, num_labels]``, ``mems``."""
+    """Output of :class:`TxlForSequenceClassification`: ``loss``, ``logits`` ``[B, num_labels]``, ``cache``."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    mems: TxlMems | None = None
+    cache: TxlCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
 
+    @property
+    def mems(self) -> TxlCache | None:
+        return self.cache
+
 
 # ----------------------------------------------------------------------------------------------------
-# Pretrained base and input checks
+# Pretrained base
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -774,6 +664,7 @@ class TxlPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _no_split_modules = ["TxlLayer"]
+    _can_record_outputs = {"hidden_states": TxlLayer, "attentions": TxlRelAttention}
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
@@ -826,7 +717,13 @@ class TxlPreTrainedModel(PreTrainedModel):
         return embedding
 
 
-def _check_inputs(config, input_ids, inputs_embeds, attention_mask):
+# ----------------------------------------------------------------------------------------------------
+# Input checks
+# ----------------------------------------------------------------------------------------------------
+
+
+def check_inputs(config, input_ids, inputs_embeds) -> tuple[int, int]:
+    """``(B, T)`` of the segment, or a ``ValueError`` naming the bad argument and the fix."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError(
             "Pass exactly one of `input_ids` ([batch, seq_len] token ids) and `inputs_embeds` "
@@ -838,17 +735,12 @@ def _check_inputs(config, input_ids, inputs_embeds, attention_mask):
                 f"`input_ids` must be batch-first [batch, seq_len], got shape {tuple(input_ids.shape)}; "
                 "add a batch dimension with `input_ids[None]`."
             )
-        # A readable error for ids outside the vocabulary (on an accelerator the embedding would only raise a device
-        # assert). Costs one small synchronisation per forward; skipped under torch.compile, where it would break the
-        # graph.
-        if input_ids.numel() and not torch.compiler.is_compiling():
-            low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one synchronisation
-            if low < 0 or high >= config.vocab_size:
-                raise ValueError(
-                    f"`input_ids` contains ids outside the vocabulary [0, {config.vocab_size}): found values "
-                    f"in [{low}, {high}]. Use the model's tokenizer, or resize the embeddings "
-                    "with `model.resize_token_embeddings(len(tokenizer))`."
-                )
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(
+                f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}; convert with `.long()` (or "
+                "pass float embeddings as `inputs_embeds`)."
+            )
+        check_token_ids("input_ids", input_ids, config.vocab_size)
         batch, qlen = input_ids.shape
     else:
         if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.d_model:
@@ -859,51 +751,67 @@ def _check_inputs(config, input_ids, inputs_embeds, attention_mask):
         batch, qlen = inputs_embeds.shape[:2]
     if qlen == 0:
         raise ValueError("The input has zero tokens (seq_len == 0); pass at least one token.")
-    if attention_mask is not None and tuple(attention_mask.shape) != (batch, qlen):
-        raise ValueError(
-            f"`attention_mask` must have shape [batch, seq_len] = {[batch, qlen]} (the current segment only; "
-            f"the memory remembers its own padding), got {list(attention_mask.shape)}."
-        )
     return batch, qlen
 
 
-def _as_mems(config, mems, batch, dtype, device) -> TxlMems | None:
-    """Validate user memory and wrap it as :class:`TxlMems` (None for an empty memory)."""
-    if mems is None:
-        return None
-    if not isinstance(mems, TxlMems):
-        if not isinstance(mems, (list, tuple)) or not all(isinstance(m, torch.Tensor) for m in mems):
-            raise ValueError("`mems` must be the `mems` of a previous output, or a list of tensors [B, M, d_model].")
-        mems = TxlMems(mems)
-    if len(mems) != config.n_layer:
-        raise ValueError(f"`mems` has {len(mems)} layers but the model has n_layer={config.n_layer}.")
-    d_model = config.d_model
-    for layer, mem in enumerate(mems):
-        if mem.dim() != 3 or mem.shape[0] != batch or mem.shape[2] != d_model:
-            raise ValueError(
-                f"`mems[{layer}]` has shape {tuple(mem.shape)}, expected [batch={batch}, M, d_model={config.d_model}]"
-                " (batch-first). Pass the `mems` returned for a batch of the same size."
-            )
-        if mem.shape[1] != mems[0].shape[1]:
-            raise ValueError(f"`mems[{layer}]` holds {mem.shape[1]} positions but `mems[0]` holds {mems[0].shape[1]}.")
-        if mem.dtype != dtype:
-            raise ValueError(
-                f"`mems[{layer}]` has dtype {mem.dtype} but the model's hidden states are {dtype}; "
-                f"convert with `mems.to({dtype})` or reset the memory."
-            )
-        if mem.device != device:
-            raise ValueError(
-                f"`mems[{layer}]` is on {mem.device} but the input is on {device}; move it with `mems.to(device)`."
-            )
-    if mems.padding_mask is not None and tuple(mems.padding_mask.shape) != (batch, mems.mem_len):
+def check_token_ids(name: str, ids: torch.Tensor, vocab_size: int, ignore_index: int | None = None) -> None:
+    """A readable error for ids outside the vocabulary (on an accelerator the embedding or the loss would only raise
+    a device-side assert). One small synchronisation; skipped under torch.compile, where it would break the graph."""
+    if not ids.numel() or torch.compiler.is_compiling():
+        return
+    if ignore_index is not None:
+        ids = torch.where(ids == ignore_index, 0, ids)
+    low, high = torch.stack(torch.aminmax(ids)).tolist()  # one synchronisation
+    if low < 0 or high >= vocab_size:
+        allowed = f"[0, {vocab_size})" + ("" if ignore_index is None else f" or {ignore_index} (ignored)")
         raise ValueError(
-            f"`mems.padding_mask` has shape {tuple(mems.padding_mask.shape)}, expected {(batch, mems.mem_len)}."
+            f"`{name}` contains ids outside the vocabulary {allowed}: found values in [{low}, {high}]. Use the "
+            "model's tokenizer, or resize the embeddings with `model.resize_token_embeddings(len(tokenizer))`."
         )
-    return mems if mems.mem_len > 0 else None
+
+
+def segment_mask(attention_mask, batch: int, qlen: int, seen: int) -> torch.Tensor | None:
+    """The ``[B, T]`` mask of the current segment. ``attention_mask`` covers the segment (``[B, T]``) or, as
+    transformers' ``generate()`` passes it, every token so far (``[B, seen + T]``); the memory remembers its own
+    padding, so only the last T columns are read."""
+    if attention_mask is None:
+        return None
+    shape = tuple(attention_mask.shape)
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or shape[1] not in (qlen, seen + qlen):
+        raise ValueError(
+            f"`attention_mask` must have shape [batch, seq_len] = {[batch, qlen]} (the current segment; the memory "
+            f"remembers its own padding) or [batch, tokens so far + seq_len] = {[batch, seen + qlen]}, got "
+            f"{list(shape)}."
+        )
+    return attention_mask[:, -qlen:]
+
+
+def key_padding(memory_mask, segment_mask, batch, mlen, qlen, device) -> torch.Tensor | None:
+    """``[B, M + T]`` bool (True = real token) over [memory; segment], or None when nothing is padded."""
+    if memory_mask is None and segment_mask is None:
+        return None
+    if memory_mask is None:
+        memory_mask = torch.ones(batch, mlen, dtype=torch.bool, device=device)
+    if segment_mask is None:
+        segment_mask = torch.ones(batch, qlen, dtype=torch.bool, device=device)
+    return torch.cat([memory_mask.to(device), segment_mask.to(device).bool()], dim=1)
+
+
+def allowed_keys(qlen, mlen, config, key_is_real, device) -> torch.Tensor | None:
+    """Keys each query may see ``[B|1, T, K]``: causal over [memory; segment], minus padding; None when every query
+    sees every key (a generation step without padding: no mask to build or apply)."""
+    if key_is_real is None and sees_every_key(qlen, mlen, config.mem_len, config.same_length):
+        return None
+    allowed = causal_memory_mask(qlen, mlen, config.mem_len, config.same_length, device=device)[None]  # [1, T, K]
+    if key_is_real is not None:
+        # A padded query still sees itself, so that no softmax row is empty.
+        self_key = F.pad(torch.eye(qlen, dtype=torch.bool, device=device), (mlen, 0))[None]  # [1, T, K]
+        allowed = (allowed & key_is_real[:, None, :]) | self_key  # [B, T, K]
+    return allowed
 
 
 # ----------------------------------------------------------------------------------------------------
-# Models
+# Model
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -922,7 +830,7 @@ class TxlModel(TxlPreTrainedModel):
         if not config.untie_r:
             self.r_w_bias = nn.Parameter(torch.zeros(config.n_head, config.d_head))  # u, shared
             self.r_r_bias = nn.Parameter(torch.zeros(config.n_head, config.d_head))  # v, shared
-        self.layers = nn.ModuleList(TxlLayer(config) for _ in range(config.n_layer))
+        self.layers = nn.ModuleList(TxlLayer(config, index) for index in range(config.n_layer))
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -932,169 +840,89 @@ class TxlModel(TxlPreTrainedModel):
     def set_input_embeddings(self, new_embeddings):
         self.word_emb = new_embeddings
 
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        mems: TxlMems | Sequence[torch.Tensor] | None = None,
+        cache: TxlCache | Sequence[torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
+        mems: TxlCache | Sequence[torch.Tensor] | None = None,
         **kwargs,
-    ) -> TxlModelOutput | tuple:
+    ) -> TxlModelOutput:
         """Run one segment.
 
         Args:
             input_ids: ``[B, T]`` token ids (or ``inputs_embeds`` ``[B, T, d_model]``, the raw embedding
                 lookup: the model applies the sqrt(d_model) scale to both).
-            mems: the ``mems`` of the previous segment's output; None starts from an empty memory.
-            attention_mask: ``[B, T]``, 1 for real tokens and 0 for padding (left padding for generation).
-                Padded keys are never attended, now or later through the memory.
-            use_cache: return the updated memory (default: ``mem_len > 0``).
+            cache: the memory (a previous output's ``cache``), updated in place and returned; None starts from an
+                empty memory.
+            attention_mask: ``[B, T]`` (or ``[B, tokens so far + T]``), 1 for real tokens and 0 for padding (left
+                padding for generation). Padded keys are never attended, now or later through the memory.
+            use_cache: return the updated memory (default ``config.use_cache``; never with ``mem_len == 0``).
+            mems: the paper's name for the memory, an alias of ``cache`` that is left as it was (the output holds a
+                new one), so one memory can be continued twice. Give ``cache`` or ``mems``, not both.
         """
         config = self.config
-        output_attentions = output_attentions if output_attentions is not None else config.output_attentions
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
-        return_dict = return_dict if return_dict is not None else config.return_dict
-        use_cache = (use_cache if use_cache is not None else True) and config.mem_len > 0
-
-        batch, qlen = _check_inputs(config, input_ids, inputs_embeds, attention_mask)
+        use_cache = (config.use_cache if use_cache is None else use_cache) and config.mem_len > 0
+        batch, qlen = check_inputs(config, input_ids, inputs_embeds)
         if inputs_embeds is None:
             inputs_embeds = self.word_emb(input_ids)  # [B, T, d]
         hidden = inputs_embeds * self.emb_scale
-        mems = _as_mems(config, mems, batch, hidden.dtype, hidden.device)
-        if mems is None and config.legacy_zero_mems and config.mem_len > 0:
+        memory = resolve_cache(config, cache, mems, batch, hidden.dtype, hidden.device)
+        if not use_cache and memory is cache:
+            memory = memory.fork()  # read, not updated
+        segment = segment_mask(attention_mask, batch, qlen, memory.get_seq_length())
+        if memory.is_empty and config.legacy_zero_mems and config.mem_len > 0:
             # transformers 4.x: the first segment attends to `mem_len` zero vectors (see TxlConfig).
-            mems = TxlMems([hidden.new_zeros(batch, config.mem_len, config.d_model)] * config.n_layer)
-        mlen = 0 if mems is None else mems.mem_len
-        klen = mlen + qlen
+            memory.set_memory([hidden.new_zeros(batch, config.mem_len, config.d_model)] * config.n_layer)
+        mlen = memory.mem_len
+        key_is_real = key_padding(memory.padding_mask, segment, batch, mlen, qlen, hidden.device)  # [B, K] or None
+        allowed = allowed_keys(qlen, mlen, config, key_is_real, hidden.device)
 
-        # Keys each query may see: causal over [memory; segment], minus padding (memory's and current).
-        key_is_real = _key_padding(mems, attention_mask, batch, qlen, hidden.device)  # [B, K] or None
-        if key_is_real is None and sees_every_key(qlen, mlen, config.mem_len, config.same_length):
-            allowed = None  # a generation step without padding: no mask to build or apply
-        else:
-            allowed = causal_memory_mask(qlen, mlen, config.mem_len, config.same_length, device=hidden.device)[None]
-        if key_is_real is not None:
-            # A padded query still sees itself, so that no softmax row is empty.
-            diagonal = torch.eye(qlen, dtype=torch.bool, device=hidden.device)
-            self_key = F.pad(diagonal, (mlen, 0))[None]  # [1, T, K]
-            allowed = (allowed & key_is_real[:, None, :]) | self_key  # [B, T, K]
-
-        # Inference caches (TxlMems.kv / r_head, in a _MemoryStore): only without gradients and in eval mode.
-        cache_key = self._inference_cache_key(hidden) if use_cache else None
-        store, kv_ready, r_heads, cache_klen = None, False, None, klen
-        if cache_key is not None:
-            fresh = mems is not None and mems.cache_key == cache_key
-            if fresh and mems.r_head is not None and mems.r_head[0].shape[0] >= klen:
-                r_heads = list(mems.r_head)
-                cache_klen = r_heads[0].shape[0]
-            else:  # cover the longest key length of the next calls too (one step of generation: mem_len + 1)
-                cache_klen = max(klen, config.mem_len + qlen)
-            store, start, kv_ready = self._memory_store(mems, fresh, batch, qlen, hidden)
-            end = start + mlen  # this segment goes to [end, end + T) of the store
-
-        pos_emb = None  # not needed when every layer reads its projection from the cache
-        if r_heads is None:
-            pos_emb = sinusoid_position_embedding(
-                cache_klen, config.d_model, config.clamp_len, device=hidden.device, dtype=hidden.dtype
+        cache_key = self._inference_cache_key(hidden) if use_cache else None  # projections kept during inference
+        memory.begin_segment(
+            qlen, key_is_real, mem_len=config.mem_len, cache_key=cache_key, like=hidden,
+            kv_width=2 * config.n_head * config.d_head, kv_dtype=self._projection_dtype(hidden),
+        )  # fmt: skip
+        position_rows = memory.position_length(mlen + qlen)
+        position_embeddings = None  # R [K', d]: not needed when every layer has its projection cached
+        if position_rows:
+            position_embeddings = sinusoid_position_embedding(
+                position_rows, config.d_model, config.clamp_len, device=hidden.device, dtype=hidden.dtype
             )
-            if cache_key is not None:
-                r_heads = [layer.attn.r_proj(pos_emb) for layer in self.layers]  # [K', H*D] each
-            pos_emb = pos_emb[-klen:]  # [K, d]
         if self.training:  # (in eval, skipping the no-op dropouts saves per-token overhead in generation)
-            pos_emb = None if pos_emb is None else self.drop(pos_emb)
+            position_embeddings = None if position_embeddings is None else self.drop(position_embeddings)
             hidden = self.drop(hidden)
 
-        layer_inputs, all_attentions = [], []
-        untie_r = config.untie_r
+        layer_cache = memory if cache_key is not None else None
+        layer_inputs = []
         for index, layer in enumerate(self.layers):
             layer_inputs.append(hidden)
-            mem = None if mems is None else mems[index]
-            r_w_bias = layer.attn.r_w_bias if untie_r else self.r_w_bias
-            r_r_bias = layer.attn.r_r_bias if untie_r else self.r_r_bias
-            kv_buffer, r_head = None, None
-            if store is not None:
-                store.hidden[index][:, end : end + qlen].copy_(hidden)
-                kv_buffer = store.kv[index][:, start : end + qlen]  # [B, K, 2*H*D]
-                r_head = r_heads[index][-klen:]  # distances K-1 .. 0
-            args = (hidden, mem, pos_emb, allowed, r_w_bias, r_r_bias, output_attentions)
-            args += (kv_buffer, kv_ready, r_head)
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():  # (no caches in training)
-                hidden, probs = self._gradient_checkpointing_func(layer.__call__, *args)
-            else:
-                hidden, probs = layer(*args)
-            if output_attentions:
-                all_attentions.append(probs)
+            r_w_bias = layer.attn.r_w_bias if config.untie_r else self.r_w_bias
+            r_r_bias = layer.attn.r_r_bias if config.untie_r else self.r_r_bias
+            hidden = layer(
+                hidden, memory[index], position_embeddings, allowed, r_w_bias, r_r_bias, cache=layer_cache, **kwargs
+            )
         if self.training:
             hidden = self.drop(hidden)
+        memory.end_segment(layer_inputs)
+        return TxlModelOutput(last_hidden_state=hidden, cache=memory if use_cache else None)
 
-        new_mems = None
-        if store is not None:  # (inference with use_cache) views of the store's last mem_len positions
-            new_end = end + qlen
-            new_start = max(start, new_end - config.mem_len)
-            store.fill = new_end
-            mask = None if key_is_real is None else key_is_real[:, new_start - new_end :]
-            new_mems = TxlMems(
-                [h[:, new_start:new_end] for h in store.hidden],
-                mask,
-                kv=[kv[:, new_start:new_end] for kv in store.kv],
-                r_head=r_heads,
-                cache_key=cache_key,
-                store=store,
-                store_end=new_end,
-            )
-        elif use_cache:
-            new_mems = self._update_mems(layer_inputs, mems, key_is_real)
-        hidden_states = tuple(layer_inputs) + (hidden,) if output_hidden_states else None
-        attentions = tuple(all_attentions) if output_attentions else None
-        if not return_dict:
-            return tuple(v for v in (hidden, new_mems, hidden_states, attentions) if v is not None)
-        return TxlModelOutput(
-            last_hidden_state=hidden, mems=new_mems, hidden_states=hidden_states, attentions=attentions
-        )
-
-    def _memory_store(self, mems, fresh, batch, qlen, hidden) -> tuple[_MemoryStore, int, bool]:
-        """The store this inference step writes into, where the memory starts in it, and whether it already
-        holds the memory's keys/values. The memory's own store when it can take ``qlen`` more positions in place,
-        otherwise a new one the memory is copied into."""
-        if fresh and mems.appendable(qlen):
-            return mems.store, mems.store_end - mems.mem_len, True
-        config = self.config
-        mlen = 0 if mems is None else mems.mem_len
+    def _projection_dtype(self, hidden) -> torch.dtype:
+        """What the projections return: the autocast dtype under autocast, else the hidden states' dtype."""
         device_type = hidden.device.type
-        autocast = torch.is_autocast_enabled(device_type)
-        kv_dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype  # what qkv_proj returns
-        store = _MemoryStore.empty(
-            config.n_layer,
-            batch,
-            max(mlen, config.mem_len) + max(qlen, -(-config.mem_len // 4)),  # room for T and for mem_len/4 more
-            config.d_model,
-            2 * config.n_head * config.d_head,
-            hidden.dtype,
-            kv_dtype,
-            hidden.device,
-        )
-        kv_ready = False
-        if mems is not None:
-            kv_ready = fresh and mems.kv is not None and mems.kv[0].shape[:2] == (batch, mlen)
-            for index in range(config.n_layer):
-                store.hidden[index][:, :mlen].copy_(mems[index])
-                if kv_ready:
-                    store.kv[index][:, :mlen].copy_(mems.kv[index])
-        store.fill = mlen
-        return store, 0, kv_ready
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
 
     def _inference_cache_key(self, hidden) -> tuple | None:
-        """What the inference caches depend on, or None when they must not be used (training, gradients).
+        """What the inference caches depend on, or None when they must not be used (training, gradients, tracing).
 
         The caches hold projections of the memory and of R, so they are valid for the same projection weights
         (identity and in-place version: an optimizer step or ``load_state_dict`` invalidates them), dtype,
         device, autocast state and ``clamp_len``.
         """
-        if self.training or torch.is_grad_enabled():
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.compiler.is_exporting():
             return None
         params = []
         for layer in self.layers:
@@ -1106,60 +934,20 @@ class TxlModel(TxlPreTrainedModel):
             versions = tuple((id(p), p._version) for p in params)
         except RuntimeError:  # inference tensors (a model built under inference_mode) have no version counter
             return None
-        device_type = hidden.device.type
-        autocast = torch.is_autocast_enabled(device_type)
-        autocast_dtype = torch.get_autocast_dtype(device_type) if autocast else None
-        return (versions, hidden.dtype, hidden.device, autocast, autocast_dtype, self.config.clamp_len)
-
-    def _update_mems(self, layer_inputs, mems, key_is_real) -> TxlMems:
-        """New memory of layer l: the last ``mem_len`` rows of ``[mems[l]; input of layer l]``, detached."""
-        mem_len = self.config.mem_len
-        hidden = []
-        for index, current in enumerate(layer_inputs):
-            # When the segment alone fills the memory, keep a view of it (no copy).
-            fills = mems is None or current.shape[1] >= mem_len
-            cat = current if fills else torch.cat([mems[index], current], dim=1)  # [B, K, d]
-            hidden.append(cat[:, -mem_len:].detach())
-        mask = None if key_is_real is None else key_is_real[:, -mem_len:]
-        return TxlMems(hidden, mask)
+        autocast = torch.is_autocast_enabled(hidden.device.type)
+        return (versions, hidden.dtype, hidden.device, autocast, self._projection_dtype(hidden), self.config.clamp_len)
 
 
-def _key_padding(mems, attention_mask, batch, qlen, device):
-    """``[B, K]`` bool (True = real token) over [memory; segment], or None when nothing is padded."""
-    mem_mask = None if mems is None else mems.padding_mask
-    if mem_mask is None and attention_mask is None:
-        return None
-    mlen = 0 if mems is None else mems.mem_len
-    if mem_mask is None:
-        mem_mask = torch.ones(batch, mlen, dtype=torch.bool, device=device)
-    current = (
-        torch.ones(batch, qlen, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
-    )
-    return torch.cat([mem_mask.to(device), current.to(device)], dim=1)
-
-
-def causal_lm_loss(logits, labels=None, shift_labels=None, num_items_in_batch=None, ignore_index=-100):
-    """Mean next-token cross entropy (sum / ``num_items_in_batch`` when given).
-
-    ``labels`` ``[B, T]`` are shifted inside (position t predicts ``labels[:, t+1]``), as in every
-    transformers causal LM. A stream pipeline that already knows the next token of every position
-    (no target lost at segment boundaries) passes ``shift_labels`` ``[B, T]`` instead.
-    """
-    if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[:, 1:]
-    logits = logits.float().reshape(-1, logits.shape[-1])
-    shift_labels = shift_labels.reshape(-1).to(logits.device)
-    if num_items_in_batch is None:
-        return F.cross_entropy(logits, shift_labels, ignore_index=ignore_index)
-    loss = F.cross_entropy(logits, shift_labels, ignore_index=ignore_index, reduction="sum")
-    return loss / torch.as_tensor(num_items_in_batch, device=loss.device)
+# ----------------------------------------------------------------------------------------------------
+# Heads
+# ----------------------------------------------------------------------------------------------------
 
 
 class TxlForCausalLM(TxlPreTrainedModel, GenerationMixin):
     """Transformer-XL with a language-modelling head (tied to the input embeddings by default).
 
-    ``generate()`` keeps the memory as its past state: after the prompt, each step feeds only the new token
-    and the memory. With ``mem_len=0`` (or ``use_cache=False``) every step recomputes the whole sequence.
+    ``generate()`` keeps the memory as its past state (a :class:`TxlCache`): after the prompt, each step feeds only
+    the new token. With ``mem_len=0`` (or ``use_cache=False``) every step recomputes the whole sequence.
     """
 
     _tied_weights_keys = {"lm_head.weight": "transformer.word_emb.weight"}
@@ -1181,43 +969,41 @@ class TxlForCausalLM(TxlPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        mems: TxlMems | Sequence[torch.Tensor] | None = None,
+        cache: TxlCache | Sequence[torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        shift_labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         logits_to_keep: int = 0,
-        num_items_in_batch: torch.Tensor | int | None = None,
+        mems: TxlCache | Sequence[torch.Tensor] | None = None,
         **kwargs,
-    ) -> TxlCausalLMOutput | tuple:
+    ) -> TxlCausalLMOutput:
         """Arguments of :meth:`TxlModel.forward`, plus:
 
-        labels: ``[B, T]`` targets shifted inside the model; ``-100`` is ignored.
-        shift_labels: ``[B, T]`` targets already aligned (``shift_labels[:, t]`` follows ``input_ids[:, t]``).
+        labels: ``[B, T]`` targets shifted inside the loss (position t predicts ``labels[:, t+1]``); ``-100`` is
+            ignored. Or ``shift_labels`` ``[B, T]``, already aligned (``shift_labels[:, t]`` follows
+            ``input_ids[:, t]``: a stream pipeline loses no target at segment boundaries). ``num_items_in_batch``
+            normalises a summed loss (gradient accumulation). Both go to ``self.loss_function``.
         logits_to_keep: compute logits for the last ``logits_to_keep`` positions only (0 = all).
 
         With an adaptive softmax (``config.uses_adaptive()``) ``logits`` are the normalised log-probabilities
         ``[B, T, V]`` (materialised; ``softmax(logits)`` is still the distribution, so ``generate()`` is unchanged)
-        and ``loss`` is their negative log-likelihood with the same shift / ``-100`` / ``shift_labels`` rules.
+        and ``loss`` is their negative log-likelihood with the same rules.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        shift_labels = kwargs.get("shift_labels")
+        for name, targets in (("labels", labels), ("shift_labels", shift_labels)):
+            if targets is not None:
+                self._check_targets(name, targets, input_ids if input_ids is not None else inputs_embeds)
+        if shift_labels is not None:
+            kwargs["shift_labels"] = shift_labels.contiguous()  # (the loss views it flat)
         outputs = self.transformer(
-            input_ids=input_ids,
-            mems=mems,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
+            input_ids=input_ids, cache=cache, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            use_cache=use_cache, mems=mems, **kwargs,
+        )  # fmt: skip
         hidden = outputs.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
@@ -1227,83 +1013,65 @@ class TxlForCausalLM(TxlPreTrainedModel, GenerationMixin):
             logits = self.lm_head(hidden)  # [B, T, V]
         loss = None
         if labels is not None or shift_labels is not None:
-            loss = causal_lm_loss(logits, labels, shift_labels, num_items_in_batch)
-        if not return_dict:
-            rest = (outputs.mems, outputs.hidden_states, outputs.attentions)
-            return tuple(v for v in (loss, logits, *rest) if v is not None)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return TxlCausalLMOutput(
-            loss=loss,
-            logits=logits,
-            mems=outputs.mems,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
+            loss=loss, logits=logits, cache=outputs.cache,
+            hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+        )  # fmt: skip
+
+    def _check_targets(self, name, targets, inputs) -> None:
+        if tuple(targets.shape) != tuple(inputs.shape[:2]):
+            raise ValueError(
+                f"`{name}` must have the shape of `input_ids` [batch, seq_len] = {list(inputs.shape[:2])}, got "
+                f"{list(targets.shape)}."
+            )
+        if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+            raise ValueError(f"`{name}` must hold integer token ids, got dtype {targets.dtype}.")
+        check_token_ids(name, targets, self.config.vocab_size, ignore_index=-100)
+
+    # --- generate(): the memory travels as the Cache ------------------------------------------------------------
+
+    def generate(self, inputs=None, generation_config=None, *args, mems=None, **kwargs):
+        """transformers' ``generate()``, with the memory as its cache.
+
+        A memory passed as ``cache=`` (updated in place) or ``mems=`` (left as it was) holds the text before
+        ``inputs``: as in :meth:`forward`, ``inputs`` are the tokens that follow it, and ``attention_mask`` may cover
+        them only (the memory's positions are taken as real: it remembers its own padding). The memory is repeated
+        for ``num_beams`` / ``num_return_sequences``.
+        """
+        if self.config.mem_len == 0:
+            kwargs["use_cache"] = False  # no memory, no cache: every step recomputes the whole sequence
+        if mems is not None:
+            if kwargs.get("cache") is not None:
+                raise ValueError("Pass the memory as `cache=` or as `mems=` (its alias), not both.")
+            kwargs["cache"] = mems.fork() if isinstance(mems, TxlCache) else TxlCache(list(mems))
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        cache, mask = kwargs.get("cache"), kwargs.get("attention_mask")
+        seen = cache.get_seq_length() if isinstance(cache, TxlCache) else 0
+        if input_ids is not None and mask is not None:
+            segment_mask(mask, input_ids.shape[0], input_ids.shape[1], seen)  # a ValueError naming the shapes
+        if input_ids is not None and seen:
+            batch, qlen = input_ids.shape
+            mask = torch.ones_like(input_ids) if mask is None else mask
+            if mask.shape[1] == qlen:  # transformers' convention: the mask covers every token so far
+                kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, seen), mask], dim=1)
+            config = generation_config or self.generation_config
+            expand = max(kwargs.get("num_beams", config.num_beams) or 1,
+                         kwargs.get("num_return_sequences", config.num_return_sequences) or 1)  # fmt: skip
+            if expand > 1 and cache.batch_size == batch:
+                cache.batch_repeat_interleave(expand)
+        return super().generate(inputs, generation_config, *args, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids, *args, is_first_iteration=False, **kwargs):
+        """transformers' preparation; the attention mask goes only to the first call (generated tokens are always
+        real, and the memory remembers earlier padding), and an all-ones mask not even there."""
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, *args, is_first_iteration=is_first_iteration, **kwargs
         )
-
-    # --- generate() plumbing: the memory travels in model_kwargs["mems"] ---------------------------------
-
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # the past state is `mems`, not a transformers Cache
-
-    def prepare_inputs_for_generation(
-        self,
-        input_ids,
-        mems=None,
-        attention_mask=None,
-        inputs_embeds=None,
-        use_cache=None,
-        next_sequence_length=None,
-        is_first_iteration=False,
-        **kwargs,
-    ):
-        """Once the memory holds the prefix, feed only the new token(s); without memory, the whole sequence."""
-        model_inputs = {"mems": mems, "use_cache": use_cache}
-        if inputs_embeds is not None and is_first_iteration:
-            model_inputs["inputs_embeds"] = inputs_embeds
-            qlen = inputs_embeds.shape[1]
-        else:
-            if mems is not None and next_sequence_length is not None:
-                input_ids = input_ids[:, -next_sequence_length:]
-            model_inputs["input_ids"] = input_ids
-            qlen = input_ids.shape[1]
-        decoding = mems is not None and not is_first_iteration
-        if attention_mask is not None and not decoding:
-            # Only the first call can carry padding: generated tokens are always real, and the memory already
-            # remembers which earlier positions were padding. An all-ones mask is dropped (no mask to apply).
-            attention_mask = attention_mask[:, -qlen:]
-            model_inputs["attention_mask"] = None if bool(attention_mask.all()) else attention_mask
-        for key in ("output_attentions", "output_hidden_states", "logits_to_keep", "return_dict"):
-            if key in kwargs:
-                model_inputs[key] = kwargs[key]
-        return model_inputs
-
-    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
-        model_kwargs["mems"] = outputs.get("mems")
-        return super()._update_model_kwargs_for_generation(
-            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
-        )
-
-    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
-        mems = model_kwargs.pop("mems", None)
-        if mems is not None and expand_size > 1:
-            mems = _as_mems(self.config, mems, mems[0].shape[0], mems[0].dtype, mems[0].device)
-            mems = None if mems is None else mems.repeat_interleave(expand_size)
-        input_ids, model_kwargs = super()._expand_inputs_for_generation(
-            expand_size=expand_size,
-            is_encoder_decoder=is_encoder_decoder,
-            input_ids=input_ids,
-            **model_kwargs,
-        )
-        model_kwargs["mems"] = mems
-        return input_ids, model_kwargs
-
-    def _reorder_cache(self, mems, beam_idx):
-        """Beam search: keep the memory rows of the surviving beams."""
-        if mems is None:
-            return None
-        if not isinstance(mems, TxlMems):
-            mems = TxlMems(mems)
-        return mems.index_select(beam_idx)
+        mask = inputs.get("attention_mask")
+        if mask is not None and (not is_first_iteration or bool(mask.all())):
+            inputs["attention_mask"] = None
+        return inputs
 
 
 class TxlForSequenceClassification(TxlPreTrainedModel):
@@ -1316,46 +1084,34 @@ class TxlForSequenceClassification(TxlPreTrainedModel):
         self.score = nn.Linear(config.d_model, config.num_labels, bias=False)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        mems: TxlMems | Sequence[torch.Tensor] | None = None,
+        cache: TxlCache | Sequence[torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
+        mems: TxlCache | Sequence[torch.Tensor] | None = None,
         **kwargs,
-    ) -> TxlSequenceClassifierOutput | tuple:
+    ) -> TxlSequenceClassifierOutput:
         """labels: ``[B]`` class ids (or floats for regression, ``[B, num_labels]`` for multi-label)."""
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.transformer(
-            input_ids=input_ids,
-            mems=mems,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
+            input_ids=input_ids, cache=cache, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            use_cache=use_cache, mems=mems, **kwargs,
+        )  # fmt: skip
         hidden = outputs.last_hidden_state  # [B, T, d]
         batch, qlen = hidden.shape[:2]
         last = self._last_token_index(input_ids, attention_mask, batch, qlen, hidden.device)  # [B]
         logits = self.score(hidden[torch.arange(batch, device=hidden.device), last])  # [B, num_labels]
-        loss = self._loss(logits, labels) if labels is not None else None
-        if not return_dict:
-            rest = (outputs.mems, outputs.hidden_states, outputs.attentions)
-            return tuple(v for v in (loss, logits, *rest) if v is not None)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels=labels, pooled_logits=logits.float(), config=self.config)
         return TxlSequenceClassifierOutput(
-            loss=loss,
-            logits=logits,
-            mems=outputs.mems,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
+            loss=loss, logits=logits, cache=outputs.cache,
+            hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+        )  # fmt: skip
 
     def _last_token_index(self, input_ids, attention_mask, batch, qlen, device):
         positions = torch.arange(qlen, device=device)
@@ -1368,31 +1124,18 @@ class TxlForSequenceClassification(TxlPreTrainedModel):
         # Highest position holding a real token (works for left and right padding).
         return torch.where(real, positions, -1).amax(dim=-1).clamp(min=0)
 
-    def _loss(self, logits, labels):
-        config = self.config
-        if config.problem_type is None:
-            if self.num_labels == 1:
-                config.problem_type = "regression"
-            elif labels.dtype in (torch.long, torch.int):
-                config.problem_type = "single_label_classification"
-            else:
-                config.problem_type = "multi_label_classification"
-        if config.problem_type == "regression":
-            return F.mse_loss(logits.squeeze(-1).float(), labels.float().view(-1))
-        if config.problem_type == "single_label_classification":
-            return F.cross_entropy(logits.float().view(-1, self.num_labels), labels.view(-1))
-        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
-
 
 __all__ = [
+    "TXL_ATTENTION_FUNCTIONS",
     "TxlAdaptiveEmbedding",
     "TxlAdaptiveLogSoftmax",
+    "TxlAttentionInterface",
     "TxlForCausalLM",
     "TxlForSequenceClassification",
-    "TxlMems",
     "TxlModel",
     "TxlPreTrainedModel",
-    "causal_lm_loss",
+    "eager_rel_attention",
     "rel_shift",
+    "sdpa_rel_attention",
     "sinusoid_position_embedding",
 ]

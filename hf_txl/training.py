@@ -31,10 +31,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .cache_txl import TxlCache
 from .data import StreamBatcher
-from .modeling_txl import TxlMems
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
@@ -160,7 +161,7 @@ def evaluate_stream(
     processes are reduced), ``tokens``, ``seconds`` and ``tokens_per_s``.
 
     Runs under ``torch.inference_mode`` (no autograd bookkeeping); without gradients and in eval mode the model
-    also reuses the projected keys and values of its memory from one segment to the next (see ``TxlMems``).
+    also reuses the projected keys and values of its memory from one segment to the next (see ``TxlCache``).
     """
     unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
     device = accelerator.device if accelerator is not None else next(unwrapped.parameters()).device
@@ -238,21 +239,25 @@ def resolve_checkpoint(output_dir: str | os.PathLike, name: str) -> Path:
     return path
 
 
-def save_mems(mems: TxlMems | None, path: Path) -> None:
-    tensors = {}
-    if mems is not None:
+def save_mems(mems: TxlCache | None, path: Path) -> None:
+    tensors, metadata = {}, {}
+    if mems is not None and not mems.is_empty:
         tensors = {f"layer_{i}": m.detach().contiguous().cpu() for i, m in enumerate(mems)}
         if mems.padding_mask is not None:
             tensors["padding_mask"] = mems.padding_mask.contiguous().cpu()
-    save_file(tensors, str(path))
+        metadata["seen_tokens"] = str(mems.get_seq_length())
+    save_file(tensors, str(path), metadata=metadata)
 
 
-def load_mems(path: Path, device) -> TxlMems | None:
+def load_mems(path: Path, device) -> TxlCache | None:
     tensors = load_file(str(path), device=str(device))
     if not tensors:
         return None
+    with safe_open(str(path), framework="pt") as handle:
+        seen = (handle.metadata() or {}).get("seen_tokens")
     layers = sorted((k for k in tensors if k.startswith("layer_")), key=lambda k: int(k.split("_")[1]))
-    return TxlMems([tensors[k] for k in layers], tensors.get("padding_mask"))
+    memory = [tensors[k] for k in layers]
+    return TxlCache(memory, tensors.get("padding_mask"), seen_tokens=None if seen is None else int(seen))
 
 
 def save_checkpoint(
@@ -260,7 +265,7 @@ def save_checkpoint(
     output_dir: str | os.PathLike,
     step: int,
     *,
-    mems: TxlMems | None,
+    mems: TxlCache | None,
     stream_state: dict,
     trainer_state: dict[str, Any],
     keep_last: int = 2,
@@ -293,7 +298,7 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator, path: Path) -> tuple[dict[str, Any], TxlMems | None, dict]:
+def load_checkpoint(accelerator, path: Path) -> tuple[dict[str, Any], TxlCache | None, dict]:
     """Restore model, optimizer, scheduler and RNG states; return (trainer_state, this process's mems,
     this process's stream position)."""
     trainer_state = json.loads((path / TRAINER_STATE).read_text())

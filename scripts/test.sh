@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One command from a clean clone: set up .venv, lint, run every test (slow ones included).
+# One command from a clean clone: set up .venv, lint (ruff, transformers-mlinter), run every test (slow ones included).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/ruff check hf_txl scripts tests bench
+.venv/bin/python scripts/lint_model.py  # transformers-mlinter on the Hub files
 .venv/bin/python -m pytest -q "$@"

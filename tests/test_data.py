@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
 
 from hf_txl import TxlCharTokenizer, UnknownCharacterWarning
 from hf_txl.data import (
@@ -332,8 +333,7 @@ def test_from_accelerator_takes_the_process_layout_and_device():
 
 
 def test_from_real_accelerator():
-    accelerate = pytest.importorskip("accelerate")
-    accelerator = accelerate.Accelerator(cpu=True)
+    accelerator = Accelerator(cpu=True)
     batcher = StreamBatcher.from_accelerator(np.arange(1000), accelerator, batch_size=2, tgt_len=5)
     assert (batcher.num_processes, batcher.process_index) == (accelerator.num_processes, accelerator.process_index)
     assert next(iter(batcher))["input_ids"].device == accelerator.device

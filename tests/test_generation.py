@@ -82,17 +82,23 @@ def test_sampling_is_seeded_and_memory_matches_recomputation():
         )  # fmt: skip
     assert runs[0].shape == (6, 16)
     assert torch.equal(runs[0], runs[1])
-    assert torch.equal(runs[0][0, :4], prompt[0]) and torch.equal(runs[0][3, :4], prompt[1])
+    assert torch.equal(runs[0][:, :4], prompt.repeat_interleave(3, 0))  # sequences 0-2 continue prompt 0
+    assert len({tuple(row) for row in runs[0][:, 4:].tolist()}) > 1  # it did sample, not repeat one sequence
 
 
 def test_beam_search_reorders_memory():
-    model = make_model(mem_len=64)
+    model = make_model(mem_len=64, init_std=0.5)  # larger weights: the past changes the beams' scores markedly
     prompt = torch.randint(1, 40, (2, 5))
     kwargs = dict(num_beams=4, num_return_sequences=2, max_new_tokens=10, do_sample=False, early_stopping=True)
+    kwargs.update(return_dict_in_generate=True, output_scores=True)
     with_memory = model.generate(prompt, **kwargs)
     recomputed = model.generate(prompt, use_cache=False, **kwargs)
-    assert with_memory.shape == (4, 15)
-    assert torch.equal(with_memory, recomputed)
+    assert with_memory.sequences.shape == (4, 15)
+    assert torch.equal(with_memory.sequences, recomputed.sequences)
+    torch.testing.assert_close(with_memory.sequences_scores, recomputed.sequences_scores, atol=1e-5, rtol=1e-5)
+    # a returned hypothesis moved between beam slots after the first step, so its memory rows had to follow it
+    slots = with_memory.beam_indices[:, 1:10]
+    assert (slots[:, 1:] != slots[:, :-1]).any()
 
 
 class CollectingStreamer(BaseStreamer):
@@ -118,12 +124,21 @@ def test_streamer_receives_prompt_then_every_new_token():
 
 def test_generating_far_beyond_mem_len_keeps_memory_bounded():
     model = make_model(mem_len=8)
+    prompt = torch.randint(1, 40, (1, 3))
     sizes = []
     hook = model.register_forward_hook(lambda module, args, output: sizes.append(output.mems.mem_len))
-    out = model.generate(torch.randint(1, 40, (1, 3)), max_new_tokens=60, do_sample=False, min_new_tokens=60)
+    out = model.generate(prompt, max_new_tokens=60, do_sample=False, min_new_tokens=60)
     hook.remove()
     assert out.shape == (1, 63)
     assert max(sizes) == 8 and sizes[-1] == 8
+    # by hand: the segment recurrence one token at a time, the memory truncated to mem_len=8 by the model
+    with torch.no_grad():
+        step = model(prompt)
+        sequence = prompt
+        for _ in range(60):
+            sequence = torch.cat([sequence, step.logits[:, -1].argmax(-1, keepdim=True)], 1)
+            step = model(sequence[:, -1:], mems=step.mems)
+    assert torch.equal(out, sequence)
 
 
 def test_generate_continues_from_user_memory():
@@ -137,13 +152,46 @@ def test_generate_continues_from_user_memory():
     assert torch.equal(continued[:, 3:], whole[:, 13:])
 
 
-@pytest.mark.parametrize("num_return_sequences", [2])
+@pytest.mark.parametrize("num_return_sequences", [2, 3])
 def test_user_memory_is_expanded_for_several_sequences(num_return_sequences):
-    model = make_model(mem_len=64)
+    n = num_return_sequences
+    model = make_model(mem_len=64, init_std=0.5)  # larger weights: the memory changes the tokens generated
+    # Two rows with different contexts but the same prompt: only the memory tells them apart, so every expanded
+    # sequence must carry its own row's memory (and not, say, row 0's) to match the references below.
+    context = torch.randint(1, 40, (2, 6))
+    prompt = torch.randint(1, 40, (1, 2)).expand(2, 2)
+    whole = torch.cat([context, prompt], 1)
     with torch.no_grad():
-        mems = model(torch.randint(1, 40, (1, 6))).mems
-    out = model.generate(
-        torch.randint(1, 40, (1, 2)), mems=mems, do_sample=True, max_new_tokens=4,
-        num_return_sequences=num_return_sequences,
-    )  # fmt: skip
-    assert out.shape == (num_return_sequences, 6)
+        mems = model(context).mems
+    report = dict(max_new_tokens=4, return_dict_in_generate=True, output_logits=True)
+    single = model.generate(prompt, mems=mems, do_sample=False, **report)
+    recomputed = model.generate(whole, use_cache=False, do_sample=False, **report)
+    assert torch.equal(single.sequences[:, 2:], recomputed.sequences[:, 8:])
+    for step in range(4):
+        torch.testing.assert_close(single.logits[step], recomputed.logits[step], atol=1e-5, rtol=1e-5)
+    first_step = single.logits[0]
+    assert (first_step[0] - first_step[1]).abs().max().item() > 1e-3  # the memory does change the predictions
+    assert not torch.equal(single.sequences[0], single.sequences[1])  # and the tokens generated from them
+
+    # transformers refuses num_return_sequences > 1 with do_sample=False; sampling from the top-1 token is greedy
+    out = model.generate(prompt, mems=mems, do_sample=True, top_k=1, num_return_sequences=n, **report)
+    assert out.sequences.shape == (2 * n, 6)
+    for row in range(2):
+        for k in range(n):
+            assert torch.equal(out.sequences[row * n + k], single.sequences[row])
+            assert torch.equal(out.sequences[row * n + k, 2:], recomputed.sequences[row, 8:])
+            for step in range(4):  # raw logits, before top-k
+                torch.testing.assert_close(out.logits[step][row * n + k], single.logits[step][row], atol=1e-5, rtol=0)
+
+    # beam search expands the memory the same way: n beams continuing the memory = n beams over the whole context
+    beams = dict(num_beams=n, num_return_sequences=n, do_sample=False, max_new_tokens=4, return_dict_in_generate=True)
+    from_memory = model.generate(prompt, mems=mems, output_scores=True, **beams)
+    from_context = model.generate(whole, use_cache=False, output_scores=True, **beams)
+    assert from_memory.sequences.shape == (2 * n, 6)
+    assert torch.equal(from_memory.sequences[:, :2], prompt.repeat_interleave(n, 0))
+    assert torch.equal(from_memory.sequences[:, 2:], from_context.sequences[:, 8:])
+    torch.testing.assert_close(from_memory.sequences_scores, from_context.sequences_scores, atol=1e-5, rtol=1e-5)
+    for row in range(2):  # n different hypotheses per row, so the comparison above is one per beam
+        assert len({tuple(s) for s in from_memory.sequences[row * n : (row + 1) * n].tolist()}) == n
+    scores = from_memory.sequences_scores.view(2, n)
+    assert (scores[0] - scores[1]).abs().max().item() > 1e-4  # the two rows' memories lead to different beams

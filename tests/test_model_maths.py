@@ -166,15 +166,29 @@ def test_first_segment_starts_from_empty_memory_and_mem_len_zero_means_none():
     no_memory = TxlForCausalLM(copy.deepcopy(config)).eval()
     no_memory.config.mem_len = 0
     no_memory.load_state_dict(model.state_dict())
-    ids = torch.randint(1, config.vocab_size, (2, 6))
+    segment_a = torch.randint(1, config.vocab_size, (2, 6))
+    segment_b = torch.randint(1, config.vocab_size, (2, 5))
     with torch.no_grad():
-        with_memory = model(ids)
-        without = no_memory(ids)
+        with_memory = model(segment_a)
+        without = no_memory(segment_a, use_cache=True)  # even when asked for, mem_len=0 keeps no memory
+    assert with_memory.mems is not None and with_memory.mems.mem_len == 6
     assert without.mems is None
+    # the first segment starts from an empty memory: the memory length changes nothing there
     torch.testing.assert_close(with_memory.logits, without.logits, atol=0, rtol=0)
-    with torch.no_grad():  # and with mem_len=0 a second segment does not see the first one
-        following = no_memory(ids, mems=None)
-    torch.testing.assert_close(following.logits, without.logits, atol=0, rtol=0)
+    with torch.no_grad():  # with mem_len=0 a second segment does not see the first one
+        b_after_a = no_memory(segment_b, mems=without.mems)
+        b_alone = no_memory(segment_b)
+        b_alone_with_memory = model(segment_b)  # the same weights on B with an empty memory
+    assert b_after_a.mems is None
+    torch.testing.assert_close(b_after_a.logits, b_alone.logits, atol=0, rtol=0)
+    torch.testing.assert_close(b_after_a.logits, b_alone_with_memory.logits, atol=0, rtol=0)
+    # whereas with mem_len=8 segment B does see A through the memory (so the check above could fail) ...
+    with torch.no_grad():
+        b_after_a_with_memory = model(segment_b, mems=with_memory.mems)
+        whole = model(torch.cat([segment_a, segment_b], 1)).logits[:, 6:]
+    assert (b_after_a_with_memory.logits - b_alone.logits).abs().max().item() > 1e-3
+    # ... exactly as one pass over A and B does (the memory holds all of A: 6 <= mem_len)
+    torch.testing.assert_close(b_after_a_with_memory.logits, whole, atol=1e-5, rtol=1e-5)
 
 
 def test_memory_is_detached_and_old_graphs_are_freed():

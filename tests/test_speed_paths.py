@@ -1,5 +1,5 @@
 """Fast paths equal the reference: the fused attention (``sdpa``) against the eager reference, and the inference
-caches of :class:`TxlMems` (projected memory keys/values, projected position terms) against recomputation.
+caches of :class:`TxlCache` (projected memory keys/values, projected position terms) against recomputation.
 
 Speed itself is measured in ``bench/``, never asserted here.
 """
@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 
-from hf_txl import TxlForCausalLM
+from hf_txl import TxlCache, TxlForCausalLM
 from hf_txl.modeling_txl import (
-    TxlMems,
     TxlModel,
     causal_memory_mask,
     fast_dropout,
@@ -205,10 +204,12 @@ def test_cache_is_carried_by_memory_operations_and_dropped_on_dtype_change():
     index = torch.tensor([2, 0])
     picked = mems.index_select(index)
     assert all(torch.equal(p, m[index]) for p, m in zip(picked.kv, mems.kv))
-    assert picked.cache_key == mems.cache_key and picked.r_head is mems.r_head
+    assert picked.cache_key == mems.cache_key and all(p is m for p, m in zip(picked.r_head, mems.r_head))
     repeated = mems.repeat_interleave(2)
     assert all(torch.equal(r, m.repeat_interleave(2, 0)) for r, m in zip(repeated.kv, mems.kv))
-    assert mems.detach().kv is mems.kv and mems.to("cpu").kv is mems.kv
+    assert all(a is b for a, b in zip(mems.detach().kv, mems.kv)) and all(
+        a is b for a, b in zip(mems.to("cpu").kv, mems.kv)
+    )
     converted = mems.to(torch.float64)
     assert converted.kv is None and converted[0].dtype == torch.float64
     assert mems.without_cache().kv is None
@@ -260,7 +261,7 @@ def test_memory_store_is_written_in_place_and_equals_recomputation():
     model = TxlModel(config).eval()
     plain = no_cache(copy.deepcopy(model))
     ids = torch.randint(1, 40, (2, 60))
-    stores = []
+    stores, views = [], []
     with torch.inference_mode():
         a, b = model(ids[:, :3]), plain(ids[:, :3])
         for step in range(3, ids.shape[1]):
@@ -270,9 +271,13 @@ def test_memory_store_is_written_in_place_and_equals_recomputation():
             torch.testing.assert_close(a.last_hidden_state, b.last_hidden_state, atol=1e-5, rtol=1e-5)
             for layer in range(config.n_layer):
                 torch.testing.assert_close(a.mems[layer], b.mems[layer], atol=1e-5, rtol=1e-5)
-            if a.mems.store is previous.store:  # written in place: the new memory is a view of the same storage
-                assert a.mems[0].data_ptr() == previous[0][:, 1:].data_ptr() or previous.mem_len < config.mem_len
+            in_place = a.mems.store is previous.store
+            # in place exactly while the store has room; the new memory is then the old one shifted by a position
+            assert in_place == (previous.store_end < previous.store.capacity), step
+            shifted = previous[0][:, 1:] if previous.mem_len == config.mem_len else previous[0]
+            views.append(not in_place or a.mems[0].data_ptr() == shifted.data_ptr())
             stores.append(a.mems.store)
+    assert all(views) and sum(s is t for s, t in zip(stores, stores[1:])) > len(stores) // 2
     distinct = len({id(store) for store in stores})
     # a new store only when one is full: capacity mem_len + mem_len / 4, so one every 4 steps once the memory is full
     assert 1 < distinct <= len(stores) // 4 + 1, (distinct, len(stores))
@@ -319,7 +324,7 @@ def test_plain_list_memory_still_works_without_cache():
         a = model(ids, mems=list(mems)).last_hidden_state
         b = model(ids, mems=mems).last_hidden_state
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-    assert isinstance(mems, TxlMems)
+    assert isinstance(mems, TxlCache)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -477,32 +482,14 @@ def test_model_dropout_modules_use_fast_dropout_and_train():
 # Allocator setting of the scripts
 # ----------------------------------------------------------------------------------------------------
 
-PAGE_FAULTS = """
-import resource, sys, torch
-from hf_txl.training import keep_freed_memory_in_process
-applied = keep_freed_memory_in_process() if sys.argv[1] == "on" else False
-def step():  # like the activations of a training step: buffers of 1 to 16 MiB, alive together, then freed
-    held = [torch.ones(size << 18) for size in (4, 8, 2, 16, 4, 1, 8)]
-    del held
-step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):
-    step()
-print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator setting: Linux only")
-def test_keeping_freed_memory_removes_page_faults_of_repeated_buffers():
-    """Without the setting, fresh buffers of a repeated step are new mappings (a page fault per 4 KiB page); with
-    it the freed blocks are reused."""
-    results = {}
-    for mode in ("off", "on"):
-        out = subprocess.run([sys.executable, "-c", PAGE_FAULTS, mode], capture_output=True, text=True, check=True)
-        applied, faults = out.stdout.split()
-        results[mode] = (applied == "True", int(faults))
-    assert results["on"][0]
-    assert results["off"][1] > 5_000 and results["on"][1] < results["off"][1] / 5, results
+def test_keeping_freed_memory_is_applied_on_glibc():
+    """The setting is applied in a fresh process (its effect, fewer page faults per step, is measured in
+    bench/bench_allocator.py, not asserted here)."""
+    code = "from hf_txl.training import keep_freed_memory_in_process as k; print(k(), k())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"]
 
 
 @pytest.mark.parametrize(
@@ -534,6 +521,3 @@ def test_prepared_device_check_runs_and_passes_on_the_cpu(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "device_check.json").read_text())
     assert len(report["checks"]) == 8 and all(c["ok"] for c in report["checks"].values())
-    assert (
-        report["timings"]["generate_ms_per_token"]["memory"] < report["timings"]["generate_ms_per_token"]["recompute"]
-    )
