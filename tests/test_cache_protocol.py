@@ -182,6 +182,10 @@ def test_no_private_generation_hook_is_overridden():
     assert {"cache", "next_sequence_length", "is_first_iteration"} <= set(parameters)
     for name in ("get_seq_length", "reorder_cache", "batch_repeat_interleave", "batch_select_indices", "crop"):
         assert callable(getattr(Cache, name)), name
+    # the one private hook hf_txl overrides (README: the transformers surface): it must still exist upstream
+    from transformers import PreTrainedModel
+
+    assert callable(getattr(PreTrainedModel, "_can_set_attn_implementation", None))
 
 
 @pytest.mark.parametrize("mode", ["prompt_lookup", "assistant"])

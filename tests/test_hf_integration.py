@@ -65,7 +65,7 @@ def test_auto_classes_resolve_and_round_trip_is_exact(tmp_path):
     model = TxlForCausalLM(tiny_config()).eval()
     model.save_pretrained(tmp_path)
     files = {p.name for p in tmp_path.iterdir()}
-    assert {"model.safetensors", "config.json", "configuration_txl.py", "modeling_txl.py"} <= files
+    assert {"model.safetensors", "config.json", "configuration_txl.py", "modeling_txl.py", "cache_txl.py"} <= files
     assert not any(name.endswith((".bin", ".pkl", ".pt")) for name in files)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_txl.TxlForCausalLM"
@@ -99,8 +99,10 @@ REMOTE_CODE_SCRIPT = textwrap.dedent(
     ids = torch.tensor(json.loads(sys.argv[2]))
     with torch.no_grad():
         out = model(ids)
+        second = model(ids, cache=out.cache)  # the memory, from the shipped cache_txl.py
     generated = model.generate(ids, max_new_tokens=5, do_sample=False)
-    result = {"logits": out.logits.tolist(), "generated": generated.tolist(), "module": type(model).__module__}
+    result = {"logits": out.logits.tolist(), "generated": generated.tolist(), "module": type(model).__module__,
+              "second": second.logits.tolist(), "cache": type(out.cache).__module__}
     print(json.dumps(result))
     """
 )
@@ -113,8 +115,11 @@ def test_trust_remote_code_load_without_hf_txl_gives_identical_logits(tmp_path):
     ids = torch.randint(1, 40, (2, 7))
     remote = run_without_hf_txl(REMOTE_CODE_SCRIPT, model_dir, json.dumps(ids.tolist()), tmp_path=tmp_path)
     assert remote["module"].startswith("transformers_modules")
+    assert remote["cache"].startswith("transformers_modules") and remote["cache"].endswith("cache_txl")
     with torch.no_grad():
-        assert torch.equal(torch.tensor(remote["logits"]), model(ids).logits)
+        first = model(ids)
+        assert torch.equal(torch.tensor(remote["logits"]), first.logits)
+        torch.testing.assert_close(torch.tensor(remote["second"]), model(ids, cache=first.cache).logits, atol=0, rtol=0)
     assert remote["generated"] == model.generate(ids, max_new_tokens=5, do_sample=False).tolist()
 
 
