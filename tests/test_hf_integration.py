@@ -65,7 +65,14 @@ def test_auto_classes_resolve_and_round_trip_is_exact(tmp_path):
     model = TxlForCausalLM(tiny_config()).eval()
     model.save_pretrained(tmp_path)
     files = {p.name for p in tmp_path.iterdir()}
-    assert {"model.safetensors", "config.json", "configuration_txl.py", "modeling_txl.py", "cache_txl.py"} <= files
+    assert {
+        "model.safetensors",
+        "config.json",
+        "configuration_txl.py",
+        "modeling_txl.py",
+        "cache_txl.py",
+        "adaptive_txl.py",
+    } <= files
     assert not any(name.endswith((".bin", ".pkl", ".pt")) for name in files)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_txl.TxlForCausalLM"
