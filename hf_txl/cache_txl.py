@@ -192,7 +192,7 @@ class TxlCache(Cache):
 
     @property
     def is_empty(self) -> bool:
-        return not self.layers or self.layers[0].hidden is None or self.layers[0].hidden.shape[1] == 0
+        return self.mem_len == 0
 
     @property
     def mem_len(self) -> int:
@@ -257,7 +257,8 @@ class TxlCache(Cache):
 
         As for transformers' dynamic caches the count is negative (or 0: nothing to do). The memory goes back to
         what it held before those tokens, which needs the positions that slid out of it since: the inference store
-        keeps those of the last call (see :class:`MemoryStore`).
+        keeps every position since it was allocated, and all of them while recording the past (see
+        :class:`MemoryStore`).
         """
         if tokens_to_remove > 0:
             raise ValueError(
@@ -376,14 +377,11 @@ class TxlCache(Cache):
 
     def update(self, key_value_states: torch.Tensor, layer_idx: int,
                project_memory: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:  # fmt: skip
-        """Keys and values over [memory; segment] ``[B, M + T, 2*H*D]`` for layer ``layer_idx``, given the segment's
-        own ``key_value_states`` ``[B, T, 2*H*D]``; ``project_memory(memory)`` projects the memory's when they are not
-        cached. During inference the result is a view of the store, where the segment's are written in place."""
+        """Inference only (a segment begun with a ``cache_key``): keys and values over [memory; segment]
+        ``[B, M + T, 2*H*D]`` for layer ``layer_idx``, given the segment's own ``key_value_states`` ``[B, T, 2*H*D]``;
+        ``project_memory(memory)`` projects the memory's when they are not cached yet. The result is a view of the
+        store, where the segment's are written in place."""
         layer, step = self.layers[layer_idx], self._step
-        if not step["store"]:
-            if layer.hidden is None or layer.hidden.shape[1] == 0:
-                return key_value_states
-            return torch.cat([project_memory(layer.hidden), key_value_states], dim=1)  # [B, M + T, 2*H*D]
         start, end = step["start"], self.store_end
         buffer = self.store.kv[layer_idx][:, start : end + step["qlen"]]  # [B, M + T, 2*H*D]
         if end > start and not step["kv_ready"]:
@@ -402,11 +400,9 @@ class TxlCache(Cache):
         return max(klen, self.mem_len_limit + self._step["qlen"])
 
     def position_head(self, layer_idx: int, klen: int, project: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """``W_{k,R} R`` for distances ``klen-1 .. 0`` ``[K, H*D]``; ``project()`` computes it from the R the model
-        built (:meth:`position_length` rows). During inference it is kept, and sliced by the next calls."""
+        """Inference only: ``W_{k,R} R`` for distances ``klen-1 .. 0`` ``[K, H*D]``; ``project()`` computes it from
+        the R the model built (:meth:`position_length` rows). It is kept, and sliced by the next calls."""
         layer = self.layers[layer_idx]
-        if not self._step["store"]:
-            return project()
         if layer.r_head is None or layer.r_head.shape[0] < klen:
             layer.r_head = project()
         return layer.r_head[-klen:]

@@ -69,9 +69,7 @@ def _none_or_positive(value: int | None) -> None:
 
 def _field_error(config: Any, name: str, value: Any, cause: BaseException) -> TxlConfigFieldError:
     """The error for ``name=value``: the field's rule, and the value's type when that was what failed."""
-    config_field = config.__dataclass_fields__.get(name)
-    if config_field is None:  # not reached: only dataclass fields have validators
-        return TxlConfigFieldError(f"TxlConfig: `{name}`: {cause}")
+    config_field = config.__dataclass_fields__[name]  # (only dataclass fields have validators)
     annotation = config_field.type
     rule = config_field.metadata.get(_RULE) or (
         "a bool" if annotation is bool else f"of type {getattr(annotation, '__name__', annotation)}"

@@ -719,7 +719,8 @@ class TxlModel(TxlPreTrainedModel):
             )
         if self.training:
             hidden = self.drop(hidden)
-        memory.end_segment(layer_inputs)
+        if use_cache:
+            memory.end_segment(layer_inputs)
         return TxlModelOutput(last_hidden_state=hidden, cache=memory if use_cache else None)
 
     def _projection_dtype(self, hidden) -> torch.dtype:

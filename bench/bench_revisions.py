@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""Two checkouts of hf_txl side by side: greedy generation and evaluation with memory, in fresh processes, alternating.
+
+    git worktree add /tmp/hf_txl_before <commit>
+    .venv/bin/python bench/bench_revisions.py /tmp/hf_txl_before .      # before, after
+    .venv/bin/python bench/bench_revisions.py A B --rounds 5
+
+``bench_speed.py`` compares hf_txl with transformers 4.35.2; comparing two of its own runs taken minutes apart mixes
+the change with the machine's drift. This script alternates the two checkouts (each timing in a fresh process that
+imports hf_txl from that checkout), ``--rounds`` times each, and prints medians and the ratio.
+
+Rows: the mid config of ``bench_speed.py`` with ``mem_len`` 512, greedy ``generate()`` after a 512-token prompt
+(ms per token: 96 new tokens minus 32 new tokens, over 64); the small config, 40 segments of 64 tokens with memory and
+labels, batch 8 (tokens/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+WORKER = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import torch
+import hf_txl
+from hf_txl import TxlConfig, TxlForCausalLM
+from hf_txl.training import keep_freed_memory_in_process
+
+assert hf_txl.__file__.startswith(sys.argv[1]), hf_txl.__file__
+keep_freed_memory_in_process()
+torch.manual_seed(0)
+mid = TxlConfig(vocab_size=204, d_model=512, n_layer=6, n_head=8, d_head=64, d_inner=2048, mem_len=512, dropout=0.0)
+model = TxlForCausalLM(mid).eval()
+prompt = torch.randint(0, 204, (1, 512))
+model.generate(prompt, max_new_tokens=8, do_sample=False)  # warm-up
+generate = []
+for _ in range(3):
+    start = time.perf_counter()
+    model.generate(prompt, max_new_tokens=96, do_sample=False)
+    middle = time.perf_counter()
+    model.generate(prompt, max_new_tokens=32, do_sample=False)
+    generate.append(((middle - start) - (time.perf_counter() - middle)) / 64 * 1000)
+small = TxlConfig(vocab_size=204, d_model=256, n_layer=4, n_head=4, d_head=64, d_inner=1024, mem_len=64, dropout=0.0)
+model = TxlForCausalLM(small).eval()
+text = torch.randint(0, 204, (8, 64 * 40))
+evaluate = []
+with torch.no_grad():
+    for _ in range(3):
+        mems, start = None, time.perf_counter()
+        for segment in text.split(64, dim=1):
+            mems = model(segment, mems=mems, labels=segment).mems
+        evaluate.append(text.numel() / (time.perf_counter() - start))
+print(json.dumps({"generate": sorted(generate)[1], "evaluate": sorted(evaluate)[1]}))
+"""
+
+
+def measure(python: str, checkout: Path) -> dict:
+    out = subprocess.run([python, "-c", WORKER, str(checkout)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("before", type=Path, help="checkout A (e.g. a worktree of the commit before a change)")
+    p.add_argument("after", type=Path, help="checkout B")
+    p.add_argument("--rounds", type=int, default=3, help="fresh processes per checkout, alternating (default 3)")
+    args = p.parse_args(argv)
+    sides = {"before": args.before.resolve(), "after": args.after.resolve()}
+    for name, path in sides.items():
+        if not (path / "hf_txl" / "__init__.py").exists():
+            p.error(f"{name}: {path} is not an hf_txl checkout (no hf_txl/__init__.py); pass a repository root.")
+    results = {name: [] for name in sides}
+    for round_ in range(args.rounds):
+        order = list(sides) if round_ % 2 == 0 else list(reversed(sides))  # who goes first alternates too
+        for name in order:
+            results[name].append(measure(sys.executable, sides[name]))
+            print(f"round {round_ + 1} {name}: {results[name][-1]}", flush=True)
+    rows = [("generate mid, 512 after 512", "generate", "ms/token"), ("eval small with memory", "evaluate", "tok/s")]
+    print("\n| row | before | after | unit | after / before |\n|---|---:|---:|---|---:|")
+    for label, key, unit in rows:
+        before = statistics.median(r[key] for r in results["before"])
+        after = statistics.median(r[key] for r in results["after"])
+        print(f"| {label} | {before:,.2f} | {after:,.2f} | {unit} | {after / before:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
