@@ -20,11 +20,26 @@ torch and ``.configuration_txl``.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .configuration_txl import TxlConfig
+
+
+def full_precision_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a softmax or a loss is computed in: float32, or float64 for float64 inputs (never lower)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def autocast_disabled(device_type: str) -> contextlib.AbstractContextManager:
+    """A context in which ``torch.autocast`` is off on ``device_type`` (a no-op where autocast does not exist), so that
+    operations run in the dtype of their inputs (mixed precision: the adaptive softmax and the loss in float32)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _cluster_dims(config: TxlConfig) -> list[tuple[int, int, int]]:
@@ -137,7 +152,8 @@ class TxlAdaptiveLogSoftmax(nn.Module):
     ``out_projs[i].weight``, stored in the same ``[d_model, d_i]`` layout and applied as ``h @ P_i``.
 
     :meth:`forward` returns the full log-probabilities ``[..., V]`` (every cluster for every position: the
-    ``[N, V]`` matrix is materialised, which also gives every parameter a gradient, as DDP requires).
+    ``[N, V]`` matrix is materialised, which also gives every parameter a gradient, as DDP requires), computed in
+    float32 even under mixed precision (see :meth:`forward`).
     """
 
     def __init__(self, config: TxlConfig):
@@ -186,16 +202,28 @@ class TxlAdaptiveLogSoftmax(nn.Module):
         return weight, bias, proj
 
     def forward(self, hidden: torch.Tensor, embedding: TxlAdaptiveEmbedding) -> torch.Tensor:
-        """hidden ``[..., d_model]`` -> log-probabilities ``[..., V]``; ``embedding`` supplies the tied weights."""
+        """hidden ``[..., d_model]`` -> log-probabilities ``[..., V]``; ``embedding`` supplies the tied weights.
+
+        Dtype contract: always computed in full precision, ``full_precision_dtype(hidden.dtype)`` (float32, float64
+        for a float64 model), outside ``torch.autocast`` and with the weights cast to that dtype, so that under
+        mixed precision (bf16 / fp16 autocast, or a bf16 model) the projections, the log-softmaxes and the loss taken
+        from the result are float32. The returned log-probabilities have that dtype. In float32 nothing is cast.
+        """
+        dtype = full_precision_dtype(hidden.dtype)
+        with autocast_disabled(hidden.device.type):
+            return self._log_probs(hidden.to(dtype), embedding, dtype)
+
+    def _log_probs(self, hidden: torch.Tensor, embedding: TxlAdaptiveEmbedding, dtype: torch.dtype) -> torch.Tensor:
+        """:meth:`forward` in ``dtype`` (``hidden`` has it; each parameter is cast to it, a no-op when equal)."""
 
         def logits(weight, bias, proj):
-            projected = hidden if proj is None else F.linear(hidden, proj.t())  # h P: [..., d_i]
-            return F.linear(projected, weight, bias)
+            projected = hidden if proj is None else F.linear(hidden, proj.to(dtype).t())  # h P: [..., d_i]
+            return F.linear(projected, weight.to(dtype), bias.to(dtype))
 
         weight, bias, proj = self._cluster_params(0, embedding)
         if self.n_clusters:
-            weight = torch.cat([weight, self.cluster_weight], dim=0)  # [S + n_clusters, d_0]
-            bias = torch.cat([bias, self.cluster_bias], dim=0)
+            weight = torch.cat([weight.to(dtype), self.cluster_weight.to(dtype)], dim=0)  # [S + n_clusters, d_0]
+            bias = torch.cat([bias.to(dtype), self.cluster_bias.to(dtype)], dim=0)
         head = F.log_softmax(logits(weight, bias, proj), dim=-1)  # [..., S + n_clusters]
         pieces = [head[..., : self.shortlist_size]]
         for i in range(1, len(self.clusters)):

@@ -57,7 +57,13 @@ from transformers.modeling_utils import AttentionInterface
 from transformers.utils import ModelOutput, can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
-from .adaptive_txl import TxlAdaptiveEmbedding, TxlAdaptiveLogSoftmax, TxlSoftmaxCluster
+from .adaptive_txl import (
+    TxlAdaptiveEmbedding,
+    TxlAdaptiveLogSoftmax,
+    TxlSoftmaxCluster,
+    autocast_disabled,
+    full_precision_dtype,
+)
 from .cache_txl import TxlCache, resolve_cache
 from .configuration_txl import TxlConfig
 
@@ -806,6 +812,10 @@ class TxlForCausalLM(TxlPreTrainedModel, GenerationMixin):
         With an adaptive softmax (``config.uses_adaptive()``) ``logits`` are the normalised log-probabilities
         ``[B, T, V]`` (materialised; ``softmax(logits)`` is still the distribution, so ``generate()`` is unchanged)
         and ``loss`` is their negative log-likelihood with the same rules.
+
+        Mixed precision (``torch.autocast`` bf16 / fp16, e.g. ``accelerate launch --mixed_precision bf16``): the
+        plain head's ``logits`` have the autocast dtype, the adaptive softmax's are float32 (computed in float32,
+        see :class:`TxlAdaptiveLogSoftmax`); ``loss`` is always taken on float32 logits and is float32.
         """
         shift_labels = kwargs.get("shift_labels")
         for name, targets in (("labels", labels), ("shift_labels", shift_labels)):
@@ -821,16 +831,25 @@ class TxlForCausalLM(TxlPreTrainedModel, GenerationMixin):
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         if isinstance(self.lm_head, TxlAdaptiveLogSoftmax):
-            logits = self.lm_head(hidden, self.transformer.word_emb)  # log-probabilities [B, T, V]
+            logits = self.lm_head(hidden, self.transformer.word_emb)  # log-probabilities [B, T, V], float32
         else:
-            logits = self.lm_head(hidden)  # [B, T, V]
+            logits = self.lm_head(hidden)  # [B, T, V], the autocast dtype under autocast
         loss = None
         if labels is not None or shift_labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = self._lm_loss(logits, labels, **kwargs)
         return TxlCausalLMOutput(
             loss=loss, logits=logits, cache=outputs.cache,
             hidden_states=outputs.hidden_states, attentions=outputs.attentions,
         )  # fmt: skip
+
+    def _lm_loss(self, logits: torch.Tensor, labels: torch.Tensor | None, **kwargs) -> torch.Tensor:
+        """``self.loss_function`` (``labels`` or ``shift_labels`` in ``kwargs``) on the logits upcast to
+        ``full_precision_dtype`` (float32; float64 for a float64 model) and outside ``torch.autocast``: under mixed
+        precision the logits may be bf16 / fp16, the cross-entropy and the returned loss are float32. transformers'
+        ``ForCausalLMLoss`` upcasts too; doing it here holds for any ``loss_function``. In float32 nothing is cast."""
+        with autocast_disabled(logits.device.type):
+            logits = logits.to(full_precision_dtype(logits.dtype))
+            return self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
     def _check_targets(self, name, targets, inputs) -> None:
         if tuple(targets.shape) != tuple(inputs.shape[:2]):
