@@ -8,9 +8,12 @@ Every number in a card is read from the run's own files, never typed by hand:
 * ``log.jsonl`` (training loss per logged step: the loss curve),
 * ``evaluation.json`` (optional: ``scripts/evaluate.py --update_card`` rows, e.g. several memory lengths).
 
-The text comes from the template ``model_card.md`` at the project root, rendered with Jinja2 through
-``huggingface_hub.ModelCard.from_template`` (which writes the YAML metadata, ``model-index`` included). The loss
-curve is a PNG drawn here with zlib (no plotting dependency).
+The text comes from the template ``model_card.md`` (the project root's; setup.py ships it inside the package),
+rendered with Jinja2 through ``huggingface_hub.ModelCard.from_template`` (which writes the YAML metadata,
+``model-index`` included). The loss curve (``loss_curve.png``: training loss and validation points against the
+optimizer step, labelled axes, legend) is drawn with matplotlib on its own Agg canvas (no ``pyplot``, so no global
+backend change: headless and thread-safe). A log without training-loss records gives no picture, and the card then
+leaves the figure out.
 """
 
 from __future__ import annotations
@@ -19,12 +22,19 @@ import json
 import math
 import os
 import struct
-import zlib
 from pathlib import Path
 from typing import Any
 
-#: The card template (top level of the project).
-TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "model_card.md"
+
+def _template_path() -> Path:
+    """``hf_txl/model_card.md`` in an installed package (setup.py copies it there), else the source checkout's
+    top-level ``model_card.md``, the one source of the template."""
+    packaged = Path(__file__).resolve().parent / "model_card.md"
+    return packaged if packaged.is_file() else Path(__file__).resolve().parents[1] / "model_card.md"
+
+
+#: The card template.
+TEMPLATE_PATH = _template_path()
 LOSS_CURVE = "loss_curve.png"
 EVALUATION_FILE = "evaluation.json"
 BUNDLED_DATASET = ("karpathy/tiny_shakespeare", "Tiny Shakespeare")
@@ -42,7 +52,8 @@ def write_model_card(
     facts = collect_facts(model_dir, repo_id=repo_id)
     curve = loss_curve_points(model_dir / "log.jsonl")
     if curve["train"]:
-        write_loss_curve_png(model_dir / LOSS_CURVE, curve["train"], curve["eval"])
+        title = f"{facts['model_name']} ({facts['tokenizer_kind']}-level): loss during training"
+        write_loss_curve_png(model_dir / LOSS_CURVE, curve["train"], curve["eval"], title=title)
         facts["loss_curve"] = {"file": LOSS_CURVE, **_ranges(curve)}
     text = render_model_card(facts, license=license, template_path=template_path)
     readme = model_dir / "README.md"
@@ -152,8 +163,8 @@ def render_model_card(
     template = Path(template_path or TEMPLATE_PATH)
     if not template.is_file():
         raise FileNotFoundError(
-            f"model card template not found at {template}; it ships at the top of the hf_txl source tree "
-            "(model_card.md). Run from a source checkout or pass template_path."
+            f"model card template not found at {template}; an installed hf_txl ships it as hf_txl/model_card.md "
+            "and a source checkout has it at the top level. Reinstall hf_txl or pass template_path."
         )
     dataset = facts["dataset"]
     data = ModelCardData(
@@ -194,11 +205,42 @@ def eval_results(facts: dict[str, Any]) -> list:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The loss curve as a PNG (no plotting library)
+# The loss curve (matplotlib, Agg canvas: no pyplot, no global backend change)
 # ----------------------------------------------------------------------------------------------------
 
-_WHITE, _GRID, _AXIS = (255, 255, 255), (225, 225, 225), (60, 60, 60)
-_TRAIN, _EVAL = (31, 119, 180), (255, 127, 14)
+TRAIN_LABEL, EVAL_LABEL = "training loss", "validation loss"
+X_LABEL, Y_LABEL = "optimizer step", "loss (nats per token)"
+_TRAIN_COLOUR, _EVAL_COLOUR = "tab:blue", "tab:orange"
+
+
+def loss_curve_figure(
+    train: list[tuple[float, float]],
+    evals: list[tuple[float, float]] = (),
+    *,
+    title: str | None = None,
+    width: int = 800,
+    height: int = 450,
+    dpi: int = 100,
+):
+    """A ``matplotlib.figure.Figure`` of the training loss (blue line) and validation loss (orange squares).
+
+    The figure has its own Agg canvas (``pyplot`` and the global backend are left alone), so this works headless
+    and from any thread. ``width`` x ``height`` are pixels at ``dpi``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not train:
+        raise ValueError("no training-loss points to plot (log.jsonl has no 'loss' records)")
+    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi, layout="tight")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    _plot_train(ax, train)
+    if evals:
+        _plot_evals(ax, evals)
+    _style_axes(ax, title or "Training loss")
+    _widen_short_step_range(ax, [step for step, _ in list(train) + list(evals)])
+    return fig
 
 
 def write_loss_curve_png(
@@ -206,79 +248,45 @@ def write_loss_curve_png(
     train: list[tuple[float, float]],
     evals: list[tuple[float, float]] = (),
     *,
-    width: int = 640,
-    height: int = 360,
+    title: str | None = None,
+    width: int = 800,
+    height: int = 450,
+    dpi: int = 100,
 ) -> None:
-    """Training loss (blue line) and evaluation loss (orange squares) against the step, on a light grid.
-
-    The axes are linear; x spans the first to the last step, y the lowest to the highest loss (the card's
-    caption states both ranges in numbers, since the image carries no text).
-    """
-    if not train:
-        raise ValueError("no training-loss points to plot (log.jsonl has no 'loss' records)")
-    points = list(train) + list(evals)
-    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
-    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-6)
-    left, right, top, bottom = 40, width - 20, 20, height - 30
-    pixels = bytearray(bytes(_WHITE) * (width * height))
-
-    def put(x: int, y: int, colour: tuple[int, int, int]) -> None:
-        if 0 <= x < width and 0 <= y < height:
-            i = 3 * (y * width + x)
-            pixels[i : i + 3] = bytes(colour)
-
-    def to_px(step: float, loss: float) -> tuple[int, int]:
-        return (round(left + (step - x0) / (x1 - x0) * (right - left)),
-                round(bottom - (loss - y0) / (y1 - y0) * (bottom - top)))  # fmt: skip
-
-    for k in range(5):  # grid: quarters of each axis
-        gx = left + k * (right - left) // 4
-        gy = top + k * (bottom - top) // 4
-        for y in range(top, bottom + 1):
-            put(gx, y, _GRID)
-        for x in range(left, right + 1):
-            put(x, gy, _GRID)
-    for x in range(left - 4, right + 1):
-        put(x, bottom + 1, _AXIS)
-    for y in range(top, bottom + 5):
-        put(left - 1, y, _AXIS)
-    pixel_points = [to_px(*p) for p in train]
-    for (ax, ay), (bx, by) in zip(pixel_points, pixel_points[1:] or pixel_points):
-        for x, y in _line(ax, ay, bx, by):
-            for dx, dy in ((0, 0), (1, 0), (0, 1)):
-                put(x + dx, y + dy, _TRAIN)
-    for step, loss in evals:
-        cx, cy = to_px(step, loss)
-        for dx in range(-3, 4):
-            for dy in range(-3, 4):
-                put(cx + dx, cy + dy, _EVAL)
-    Path(path).write_bytes(_png(width, height, pixels))
+    """Draw :func:`loss_curve_figure` into the PNG file ``path`` (``width`` x ``height`` pixels)."""
+    fig = loss_curve_figure(train, evals, title=title, width=width, height=height, dpi=dpi)
+    fig.savefig(path, format="png", dpi=dpi)
 
 
-def _line(ax: int, ay: int, bx: int, by: int):
-    """Bresenham's line from (ax, ay) to (bx, by), both ends included."""
-    dx, dy = abs(bx - ax), -abs(by - ay)
-    sx, sy = (1 if ax < bx else -1), (1 if ay < by else -1)
-    err = dx + dy
-    while True:
-        yield ax, ay
-        if ax == bx and ay == by:
-            return
-        e2 = 2 * err
-        if e2 >= dy:
-            err, ax = err + dy, ax + sx
-        if e2 <= dx:
-            err, ay = err + dx, ay + sy
+def _plot_train(ax, train: list[tuple[float, float]]) -> None:
+    """The training loss as a line (with a marker when there is a single point, which a line alone would hide)."""
+    steps, losses = zip(*train)
+    marker = "o" if len(train) == 1 else None
+    ax.plot(steps, losses, color=_TRAIN_COLOUR, linewidth=1.4, marker=marker, label=TRAIN_LABEL, zorder=2)
 
 
-def _png(width: int, height: int, rgb: bytes | bytearray) -> bytes:
-    """An 8-bit RGB PNG (filter 0 on every row)."""
-    stride = 3 * width
-    raw = b"".join(b"\x00" + bytes(rgb[y * stride : (y + 1) * stride]) for y in range(height))
+def _plot_evals(ax, evals: list[tuple[float, float]]) -> None:
+    """The validation losses (periodic and final) as squares on top of the line."""
+    steps, losses = zip(*evals)
+    ax.plot(steps, losses, linestyle="none", marker="s", markersize=7, color=_EVAL_COLOUR,
+            markeredgecolor="black", markeredgewidth=0.6, label=EVAL_LABEL, zorder=3)  # fmt: skip
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+def _widen_short_step_range(ax, steps: list[float]) -> None:
+    """At least one step either side when the log spans under two steps, so the x ticks stay whole steps."""
+    first, last = min(steps), max(steps)
+    if last - first < 2:
+        ax.set_xlim(first - 1, last + 1)
+
+
+def _style_axes(ax, title: str) -> None:
+    """Labels, title, integer step ticks, a light grid and the legend."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel(X_LABEL)
+    ax.set_ylabel(Y_LABEL)
+    ax.set_title(title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, color="0.88", linewidth=0.8)
+    ax.set_axisbelow(True)
+    ax.legend(loc="best", framealpha=0.9)

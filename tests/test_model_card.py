@@ -1,15 +1,15 @@
 """The model card: YAML metadata with model-index from the run's own numbers, the template's sections, and the
-dependency-free loss-curve PNG."""
+matplotlib loss-curve PNG (labelled axes, legend, the log's values)."""
 
 import json
-import struct
-import zlib
 
+import numpy as np
 import pytest
 from huggingface_hub import ModelCard
+from matplotlib.image import imread
 from test_evaluate import make_model_dir
 
-from hf_txl.model_card import loss_curve_points, write_loss_curve_png, write_model_card
+from hf_txl.model_card import loss_curve_figure, loss_curve_points, write_loss_curve_png, write_model_card
 
 EVAL = {"step": 30, "eval_mem_len": 48, "eval_tgt_len": 16, "loss": 2.3456789, "bpc": 3.3841, "perplexity": 10.44,
         "tokens": 12345, "seconds": 1.5, "tokens_per_s": 8230.0}  # fmt: skip
@@ -61,22 +61,52 @@ def test_evaluation_rows_are_added_to_the_card_and_the_model_index(run_dir):
     assert 'from_pretrained("path/to/model_dir")' in card.text  # no repo id known
 
 
-def test_loss_curve_is_a_valid_png(tmp_path):
-    path = tmp_path / "curve.png"
-    write_loss_curve_png(path, [(1, 4.0), (50, 2.0), (100, 1.5)], [(100, 1.7)], width=200, height=100)
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    chunks, pos = {}, 8
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
-        assert struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])[0] == zlib.crc32(kind + body)
-        chunks[kind] = body
-        pos += 12 + length
-    assert struct.unpack(">II", chunks[b"IHDR"][:8]) == (200, 100)
-    raw = zlib.decompress(chunks[b"IDAT"])
-    assert len(raw) == 100 * (1 + 3 * 200)
-    assert bytes((31, 119, 180)) in raw and bytes((255, 127, 14)) in raw  # the training line and the eval point
+def test_card_leaves_the_picture_out_when_the_log_has_no_training_loss(run_dir):
+    (run_dir / "log.jsonl").write_text(json.dumps({"step": 30, "final": True, "eval_loss": 2.35}) + "\n")
+    text = ModelCard.load(write_model_card(run_dir)).text
+    assert not (run_dir / "loss_curve.png").exists()
+    assert "loss_curve.png" not in text and "Training loss" not in text
+
+
+def test_card_picture_is_a_readable_png_titled_with_the_model(run_dir):
+    write_model_card(run_dir, repo_id="someone/txl-tiny")
+    image = imread(run_dir / "loss_curve.png")
+    assert image.shape[:2] == (450, 800)
+    rgb = image[..., :3]
+    assert rgb.std() > 0.05 and (rgb < 0.5).mean() > 0.005  # not blank: a curve, text and axes are drawn
+    blue = (np.abs(rgb - np.array([31, 119, 180]) / 255).max(axis=-1) < 0.08).sum()
+    orange = (np.abs(rgb - np.array([255, 127, 14]) / 255).max(axis=-1) < 0.08).sum()
+    assert blue > 200 and orange > 20  # the training line and the validation square (plus their legend keys)
+
+
+def test_loss_curve_figure_has_labels_legend_and_the_log_values(run_dir):
+    curve = loss_curve_points(run_dir / "log.jsonl")
+    fig = loss_curve_figure(curve["train"], curve["eval"], title="txl-tiny")
+    (ax,) = fig.axes
+    assert ax.get_xlabel() == "optimizer step" and ax.get_ylabel() == "loss (nats per token)"
+    assert ax.get_title() == "txl-tiny"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["training loss", "validation loss"]
+    assert ax.xaxis.get_gridlines()[0].get_visible() and ax.yaxis.get_gridlines()[0].get_visible()
+    train, evals = ax.get_lines()
+    assert list(train.get_xdata()) == list(range(1, 31))
+    assert np.allclose(train.get_ydata(), [4.0 - 0.05 * s for s in range(1, 31)])
+    assert list(evals.get_xdata()) == [30] and list(evals.get_ydata()) == [2.35]
+    assert evals.get_linestyle() == "None" and evals.get_marker() == "s"
+    assert tuple(fig.get_size_inches() * fig.dpi) == (800, 450)
+
+
+def test_loss_curve_with_one_point_and_no_evaluations(tmp_path):
+    fig = loss_curve_figure([(7, 3.25)])
+    (ax,) = fig.axes
+    (line,) = ax.get_lines()  # no validation series
+    assert line.get_marker() == "o"  # a lone point would be invisible as a line
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["training loss"]
+    assert ax.get_xlim() == (6, 8)
+    fig.canvas.draw()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["6", "7", "8"]  # whole steps, not 6.88
+    path = tmp_path / "one.png"
+    write_loss_curve_png(path, [(7, 3.25)], width=400, height=300)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and imread(path).shape[:2] == (300, 400)
     with pytest.raises(ValueError, match="no training-loss points"):
         write_loss_curve_png(path, [])
 
