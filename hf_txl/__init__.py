@@ -50,14 +50,25 @@ __all__ = [
 
 # --- tokenizer and data pipeline exports (tokenization_txl.py, data.py) ---
 from .data import DEFAULT_CORPUS_PATH, StreamBatcher, load_corpus, tokenize_to_array  # noqa: E402
-from .tokenization_txl import TxlCharTokenizer, UnknownCharacterWarning  # noqa: E402
+from .overrides import parse_config_overrides  # noqa: E402
+from .tokenization_txl import (  # noqa: E402
+    TxlCharTokenizer,
+    TxlWordTokenizer,
+    UnknownCharacterWarning,
+    build_tokenizer,
+    token_unit,
+)
 
 __all__ += [
     "DEFAULT_CORPUS_PATH",
     "StreamBatcher",
     "TxlCharTokenizer",
+    "TxlWordTokenizer",
     "UnknownCharacterWarning",
+    "build_tokenizer",
     "load_corpus",
+    "parse_config_overrides",
+    "token_unit",
     "tokenize_to_array",
 ]
 

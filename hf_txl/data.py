@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import torch
 from datasets import Dataset, DatasetDict, Features, List, Value, concatenate_datasets, load_dataset
 
-from .tokenization_txl import UnknownCharacterWarning
+from .tokenization_txl import UnknownCharacterWarning, fast_word_encoder, token_unit
 
 __all__ = [
     "DEFAULT_CORPUS_PATH",
@@ -210,8 +210,12 @@ def tokenize_to_array(
     files, or in ``cache_dir`` when given). Rows are concatenated in order with nothing between them,
     except the end-of-text id after each row when ``append_eos`` is set (document corpora). A
     character-level tokenizer (``tokenizer.is_char_level``) gets long texts in pieces, which is exact and
-    bounds memory. Unknown
-    characters are counted in one ``UnknownCharacterWarning``. The dtype is :func:`token_dtype`.
+    bounds memory. A word-level tokenizer (:func:`~hf_txl.tokenization_txl.token_unit` "word") reads every row
+    as whole lines: a row that does not end with a newline gets one, so the stream has one ``<eos>`` per line
+    (a one-line row such as a WikiText-103 row, an empty row included, gives its words then ``<eos>``; a whole
+    file loaded as one row gives one ``<eos>`` per line of the file), and long rows are cut after newlines. Unknown
+    characters are counted in one ``UnknownCharacterWarning`` (not unknown words: a capped word vocabulary maps
+    rare words to ``<unk>`` on purpose). The dtype is :func:`token_dtype`.
     """
     if text_column not in dataset_split.column_names:
         raise ValueError(f"text column {text_column!r} not found; available columns: {dataset_split.column_names}")
@@ -221,12 +225,15 @@ def tokenize_to_array(
         raise ValueError(
             "append_eos=True needs a tokenizer with an eos token: TxlCharTokenizer.from_corpus(add_eos=True)"
         )
-    encode = _BatchEncoder(tokenizer, text_column, dtype, eos_id, getattr(tokenizer, "is_char_level", False))
+    unit = token_unit(tokenizer)
+    char_level = getattr(tokenizer, "is_char_level", False) or unit in ("char", "byte")
+    encode = _BatchEncoder(tokenizer, text_column, dtype, eos_id, char_level, lines=unit == "word")
 
     map_kwargs: dict[str, Any] = {}
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:  # a content hash of the tokenizer: stable across runs, no pickling involved
-        key = _hash(dataset_split._fingerprint, backend.to_str(), text_column, dtype.str, eos_id, "v1")
+        parts = (dataset_split._fingerprint, backend.to_str(), text_column, dtype.str, eos_id, "v1")
+        key = _hash(*parts, *(("lines",) if unit == "word" else ()))
         map_kwargs["new_fingerprint"] = key
         if cache_dir is not None:
             os.makedirs(cache_dir, exist_ok=True)
@@ -246,7 +253,7 @@ def tokenize_to_array(
     ids = np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
 
     unk_id = getattr(tokenizer, "unk_token_id", None)
-    n_unknown = int(np.count_nonzero(ids == unk_id)) if unk_id is not None and len(ids) else 0
+    n_unknown = int(np.count_nonzero(ids == unk_id)) if unk_id is not None and len(ids) and unit != "word" else 0
     if n_unknown:
         warnings.warn(
             f"{n_unknown} unknown character(s) in the corpus were encoded as {tokenizer.unk_token!r}; build "
@@ -260,12 +267,22 @@ def tokenize_to_array(
 class _BatchEncoder:
     """The ``map`` function: one batch of texts -> a few flat id arrays (one per ~1M characters)."""
 
-    def __init__(self, tokenizer: Any, text_column: str, dtype: np.dtype, eos_id: int | None, char_level: bool) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        text_column: str,
+        dtype: np.dtype,
+        eos_id: int | None,
+        char_level: bool,
+        lines: bool = False,
+    ) -> None:
         self.tokenizer = tokenizer
         self.text_column = text_column
         self.dtype = dtype
         self.eos_id = eos_id
         self.char_level = char_level
+        self.lines = lines  # word level: every row is whole lines (newline-terminated), cut after newlines
+        self.fast_encode = fast_word_encoder(tokenizer) if lines else None
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list[np.ndarray]]:
         rows: list[np.ndarray] = []
@@ -286,17 +303,41 @@ class _BatchEncoder:
         return {"input_ids": rows}
 
     def _pieces(self, text: str) -> list[str]:
+        if self.lines:
+            pieces = _line_pieces(text, _PIECE_CHARS)
+            if not pieces[-1].endswith("\n"):
+                pieces[-1] += "\n"  # the row's last line ends too: one <eos> per line, as in the paper
+            return pieces
         if not self.char_level or len(text) <= _PIECE_CHARS:
             return [text]
         return [text[i : i + _PIECE_CHARS] for i in range(0, len(text), _PIECE_CHARS)]
 
     def _encode(self, texts: list[str], ends_doc: list[bool]) -> np.ndarray:
-        with warnings.catch_warnings():  # counted once, over the whole stream, by tokenize_to_array
-            warnings.simplefilter("ignore", UnknownCharacterWarning)
-            ids = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        if self.fast_encode is not None:  # word level: the pieces are whole lines, so they may be joined
+            ids = [self.fast_encode("".join(texts))] if self.eos_id is None else list(map(self.fast_encode, texts))
+        else:
+            ids = self._encode_with_tokenizer(texts)
         if self.eos_id is not None:
             ids = [row + [self.eos_id] if end else row for row, end in zip(ids, ends_doc, strict=True)]
         return np.fromiter(chain.from_iterable(ids), dtype=self.dtype, count=sum(map(len, ids)))
+
+    def _encode_with_tokenizer(self, texts: list[str]) -> list[list[int]]:
+        with warnings.catch_warnings():  # counted once, over the whole stream, by tokenize_to_array
+            warnings.simplefilter("ignore", UnknownCharacterWarning)
+            return self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+
+
+def _line_pieces(text: str, size: int) -> list[str]:
+    """``text`` cut right after the first newline at or past every ``size`` characters (exact for word level)."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        cut = text.find("\n", start + size - 1)
+        if cut < 0 or cut == len(text) - 1:
+            break
+        pieces.append(text[start : cut + 1])
+        start = cut + 1
+    pieces.append(text[start:])
+    return pieces
 
 
 def save_token_array(path: str | os.PathLike, tokens: np.ndarray) -> None:

@@ -7,7 +7,10 @@
     python scripts/evaluate.py user/txl-shakespeare --validation_file my.txt  # a Hub model, another text
 
 Reports the loss (nats/token), bits per character (loss / ln 2), perplexity and tokens/s for each setting, as a
-Markdown table on stdout and as JSON (``--output_file``, default ``MODEL_DIR/evaluation.json``). The figures come
+Markdown table on stdout and as JSON (``--output_file``, default ``MODEL_DIR/evaluation.json``). The headline
+follows the tokenizer's unit (hf_txl.tokenization_txl.token_unit): bits per character (byte) for character (byte)
+models, perplexity per word for word models (the paper's WikiText-103 figure: every token scored, ``<eos>``
+included), perplexity per token for other tokenizers. The figures come
 from the ``txl_lm`` evaluate metric (hf_txl/metrics/txl_lm), as in training. ``--tgt_len``, ``--mem_len``,
 ``--clamp_len`` and ``--same_length`` may differ from training: the paper evaluates with a much longer memory than
 it trains with. Without a data flag, the split is the one the model was trained against (from its
@@ -27,8 +30,11 @@ import torch
 from hf_txl.data import load_corpus, tokenize_to_array
 from hf_txl.hub import is_local, load_model_and_tokenizer
 from hf_txl.model_card import EVALUATION_FILE, write_model_card
+from hf_txl.tokenization_txl import token_unit
 from hf_txl.training import evaluate_stream, keep_freed_memory_in_process
 
+#: The figure each token unit is judged by (bits per character/byte, or perplexity).
+HEADLINE_METRIC = {"char": "bpc", "byte": "bpc", "word": "perplexity", "token": "perplexity"}
 DATA_FLAGS = ("dataset_name", "dataset_config_name", "train_file", "validation_file", "text_column",
               "validation_split_fraction")  # fmt: skip
 
@@ -82,6 +88,7 @@ def main(argv=None) -> list[dict]:
         )  # fmt: skip
     except (OSError, ValueError) as error:
         fail(str(error))
+    unit = token_unit(tokenizer)
     run_args = read_training_args(args.model)
     settings = resolve_settings(args, model.config, run_args)
     data_kwargs, data_name = data_source(args, run_args)
@@ -103,12 +110,12 @@ def main(argv=None) -> list[dict]:
         row = {"tgt_len": settings["tgt_len"], "mem_len": mem_len, "clamp_len": settings["clamp_len"],
                "same_length": same_length, **metrics}  # fmt: skip
         rows.append(row)
-        print(f"mem_len={mem_len}: loss {row['loss']:.4f}, bpc {row['bpc']:.4f} ({row['tokens_per_s']:,.0f} tokens/s)",
-              file=sys.stderr)  # fmt: skip
+        print(f"mem_len={mem_len}: {headline(row, unit)} ({row['tokens_per_s']:,.0f} tokens/s)", file=sys.stderr)
 
-    print(format_table(rows))
+    print(format_table(rows, unit))
     report = {
-        "model": str(args.model), "data": data_name, "split": args.split, "batch_size": settings["batch_size"],
+        "model": str(args.model), "data": data_name, "split": args.split, "token_unit": unit,
+        "headline_metric": HEADLINE_METRIC[unit], "batch_size": settings["batch_size"],
         "device": str(args.device), "max_eval_steps": args.max_eval_steps, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": "python scripts/evaluate.py " + " ".join(sys.argv[1:] if argv is None else argv), "rows": rows,
     }  # fmt: skip
@@ -179,16 +186,44 @@ def split_tokens(args: argparse.Namespace, tokenizer, data_kwargs: dict):
         fail(f"could not load the evaluation data ({error}).")
 
 
-def format_table(rows: list[dict]) -> str:
-    """A Markdown table, one row per setting (pasteable into a README)."""
+def headline(row: dict, unit: str) -> str:
+    """Bits per character (byte) for character (byte) models, perplexity per word (token) otherwise."""
+    if unit in ("char", "byte"):
+        return f"loss {row['loss']:.4f} nats/{unit}, {unit_bits(unit)} {row['bpc']:.4f}"
+    return f"perplexity {row['perplexity']:.2f} per {'word' if unit == 'word' else 'token'}, loss {row['loss']:.4f}"
+
+
+def unit_bits(unit: str) -> str:
+    return "bits/byte" if unit == "byte" else "bpc"
+
+
+def format_table(rows: list[dict], unit: str = "char") -> str:
+    """A Markdown table, one row per setting (pasteable into a README); the headline figure follows ``unit``."""
+    if unit not in ("char", "byte"):
+        return _perplexity_table(rows, "word" if unit == "word" else "token")
     lines = [
-        "| tgt_len | mem_len | clamp_len | same_length | loss (nats/token) | bpc | perplexity | tokens | tokens/s |",
+        f"| tgt_len | mem_len | clamp_len | same_length | loss (nats/token) | {unit_bits(unit)} | perplexity | tokens "
+        "| tokens/s |",
         "|---:|---:|---:|:---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['tgt_len']} | {r['mem_len']} | {r['clamp_len']} | {r['same_length']} | {r['loss']:.4f} | "
             f"{r['bpc']:.4f} | {r['perplexity']:.3f} | {r['tokens']:,} | {r['tokens_per_s']:,.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def _perplexity_table(rows: list[dict], unit: str) -> str:
+    lines = [
+        f"| tgt_len | mem_len | clamp_len | same_length | perplexity (per {unit}) | loss (nats/{unit}) | {unit}s "
+        f"| {unit}s/s |",
+        "|---:|---:|---:|:---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['tgt_len']} | {r['mem_len']} | {r['clamp_len']} | {r['same_length']} | {r['perplexity']:.2f} | "
+            f"{r['loss']:.4f} | {r['tokens']:,} | {r['tokens_per_s']:,.0f} |"
         )
     return "\n".join(lines)
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 
-from hf_txl import TxlCharTokenizer, TxlForCausalLM
+from hf_txl import TxlCharTokenizer, TxlForCausalLM, TxlWordTokenizer
 from hf_txl.data import DEFAULT_CORPUS_PATH
 from hf_txl.training import METRIC_PATH, evaluate_stream, lm_metrics, load_metric
 
@@ -155,3 +155,37 @@ def test_bad_model_directories_name_the_problem_and_the_fix(tmp_path, model_dir)
         script.main(["nobody-xyz/not-a-model"])
     with pytest.raises(SystemExit, match="--mem_len must be >= 0"):
         script.main([str(model_dir), "--mem_len", "-1"])
+
+
+def test_word_models_report_perplexity_per_word_as_the_headline(tmp_path, text_file, capsys):
+    """A word-level model (adaptive softmax): perplexity per word leads; the unit is recorded in the JSON."""
+    tokenizer = TxlWordTokenizer.from_corpus([text_file.read_text()])
+    config = tiny_config(vocab_size=len(tokenizer), mem_len=16, pad_token_id=tokenizer.pad_token_id, cutoffs=[40, 120])
+    TxlForCausalLM(config).save_pretrained(tmp_path / "word")
+    tokenizer.save_pretrained(tmp_path / "word")
+    script = load_script("evaluate")
+    output = tmp_path / "word.json"
+    argv = [str(tmp_path / "word"), "--validation_file", str(text_file), "--tgt_len", "16", "--batch_size", "2",
+            "--mem_len", "0", "16", "--output_file", str(output)]  # fmt: skip
+    rows = script.main(argv)
+    captured = capsys.readouterr()
+    report = json.loads(output.read_text())
+    assert (report["token_unit"], report["headline_metric"]) == ("word", "perplexity")
+    words = len(text_file.read_text().split()) + text_file.read_text().count("\n")  # <eos> is counted as a word
+    assert all(r["tokens"] == 2 * ((words - 1) // 2) for r in rows)
+    table = [line for line in captured.out.splitlines() if line.startswith("|")]
+    assert "| perplexity (per word) | loss (nats/word) |" in table[0] and "bpc" not in table[0]
+    assert f"| {rows[1]['perplexity']:.2f} | {rows[1]['loss']:.4f} |" in table[3]
+    assert f"mem_len=16: perplexity {rows[1]['perplexity']:.2f} per word" in captured.err
+
+
+def test_char_models_keep_bits_per_character_as_the_headline(tmp_path, model_dir, text_file, capsys):
+    script = load_script("evaluate")
+    output = tmp_path / "char.json"
+    rows = script.main([str(model_dir), "--validation_file", str(text_file), "--tgt_len", "16", "--batch_size", "4",
+                        "--max_eval_steps", "3", "--output_file", str(output)])  # fmt: skip
+    report = json.loads(output.read_text())
+    assert (report["token_unit"], report["headline_metric"]) == ("char", "bpc")
+    captured = capsys.readouterr()
+    assert f"bpc {rows[0]['bpc']:.4f}" in captured.err and "| bpc | perplexity |" in captured.out
+    assert "bits/byte" in script.format_table(rows, "byte") and "per token" in script.format_table(rows, "token")

@@ -1,4 +1,4 @@
-"""TxlCharTokenizer: vocabulary order, exact round trips, unknown characters, saving and clean-env loading."""
+"""TxlCharTokenizer and TxlWordTokenizer: vocabulary order, round trips, unknown symbols, saving, clean-env loading."""
 
 import json
 import os
@@ -9,7 +9,8 @@ import warnings
 
 import pytest
 
-from hf_txl import DEFAULT_CORPUS_PATH, TxlCharTokenizer, UnknownCharacterWarning
+from hf_txl import DEFAULT_CORPUS_PATH, TxlCharTokenizer, TxlWordTokenizer, UnknownCharacterWarning
+from hf_txl.tokenization_txl import TOKENIZER_KINDS, build_tokenizer, fast_word_encoder, token_unit
 
 ADVERSARIAL = [
     "",
@@ -188,13 +189,13 @@ CLEAN_ENV_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("kind", ["char", "byte"])
+@pytest.mark.parametrize("kind", ["char", "byte", "word"])
 def test_auto_tokenizer_loads_without_hf_txl(tmp_path, kind, shakespeare):
-    tok = (
-        TxlCharTokenizer.from_corpus([shakespeare, "<eos>\t"], add_eos=True)
-        if kind == "char"
-        else TxlCharTokenizer.byte_level(add_eos=True)
-    )
+    tok = {
+        "char": lambda: TxlCharTokenizer.from_corpus([shakespeare, "<eos>\t"], add_eos=True),
+        "byte": lambda: TxlCharTokenizer.byte_level(add_eos=True),
+        "word": lambda: TxlWordTokenizer.from_corpus([shakespeare[:300]], max_vocab_size=30),
+    }[kind]()
     save_dir = tmp_path / "tok"
     tok.save_pretrained(save_dir)
     script = tmp_path / "load_clean.py"
@@ -216,7 +217,197 @@ def test_auto_tokenizer_loads_without_hf_txl(tmp_path, kind, shakespeare):
     assert result["hf_txl_importable"] is False and result["hf_txl_loaded"] is False
     assert result["class"] == "TokenizersBackend"
     assert result["ids"] == tok(text)["input_ids"]
-    assert result["decoded"] == text
+    if kind == "word":  # whitespace normalised, unknown words <unk>; the line ends come back
+        assert result["decoded"] == tok.decode(result["ids"])
+        assert result["decoded"].count("\n") == text.count("\n") + 1 and "\t" not in result["decoded"]
+        assert tok.unk_token_id in result["ids"] and len(result["ids"]) == len(text.split()) + text.count("\n")
+    else:
+        assert result["decoded"] == text
     assert result["special_ids"] == [tok.unk_token_id, tok.pad_token_id, tok.eos_token_id]
     assert result["len"] == len(tok)
     assert result["padding_side"] == "left"
+
+
+# --- word level ------------------------------------------------------------------------------------------
+
+
+WORD_CORPUS = ["the cat sat on the mat\n", "the dog sat\n", "", "a <unk> word\n", "the end"]
+
+
+@pytest.fixture(scope="module")
+def word_tok() -> TxlWordTokenizer:
+    return TxlWordTokenizer.from_corpus(WORD_CORPUS)
+
+
+def test_word_vocabulary_specials_then_most_frequent_first_ties_in_code_point_order(word_tok):
+    words = word_tok.convert_ids_to_tokens(list(range(len(word_tok))))
+    # the x4, sat x2, then the words seen once in code point order; the corpus' own "<unk>" is the special one
+    assert words == ["<unk>", "<pad>", "<eos>", "the", "sat", "a", "cat", "dog", "end", "mat", "on", "word"]
+    assert (word_tok.unk_token_id, word_tok.pad_token_id, word_tok.line_end_token_id) == (0, 1, 2)
+    assert word_tok.eos_token_id is None  # <eos> is a line break, not an end of generation
+    assert len(word_tok) == word_tok.vocab_size == 12
+    again = TxlWordTokenizer.from_corpus(iter(reversed(WORD_CORPUS)))
+    assert again.get_vocab() == word_tok.get_vocab()
+    assert word_tok.padding_side == "left" and not word_tok.is_char_level
+
+
+def test_word_encoding_one_eos_per_line_and_unknown_words(word_tok):
+    ids = word_tok("the cat\n\n  sat \t on a\tzebra\nx<unk>y <unk>", add_special_tokens=False)["input_ids"]
+    tokens = word_tok.convert_ids_to_tokens(ids)
+    assert tokens == ["the", "cat", "<eos>", "<eos>", "sat", "on", "a", "<unk>", "<eos>", "<unk>", "<unk>"]
+    assert word_tok("<eos> <pad>")["input_ids"] == [2, 1]  # the special words written out are those words
+
+
+def test_word_decode_joins_with_spaces_and_turns_eos_into_newlines(word_tok):
+    text = "the cat\n\n  sat \t on the mat \nthe end\n"
+    ids = word_tok(text)["input_ids"]
+    assert word_tok.decode(ids) == "the cat\n\nsat on the mat\nthe end\n"
+    assert word_tok.decode(ids, skip_special_tokens=True) == word_tok.decode(ids)  # newlines are kept
+    assert word_tok.decode([2, 3, 2, 2, 0, 2]) == "\nthe\n\n<unk>\n"
+    assert word_tok.decode([3, 0, 5], skip_special_tokens=True) == "the a"
+    batch = word_tok(["the", "the cat sat"], padding=True)
+    assert batch["input_ids"][0][:2] == [1, 1]
+    assert word_tok.batch_decode(batch["input_ids"], skip_special_tokens=True) == ["the", "the cat sat"]
+
+
+@pytest.mark.parametrize("text", ADVERSARIAL)
+def test_word_round_trip_normalises_whitespace_only(text):
+    tok = TxlWordTokenizer.from_corpus(ADVERSARIAL)
+    decoded = tok.decode(tok.encode(text))
+    lines = text.replace(" <eos> ", "\n").split("\n")  # a literal <eos> word is a line break too
+    assert decoded == "\n".join(_rust_words_joined(line) for line in lines)
+    assert tok.unk_token_id not in tok.encode(text) or "<unk>" in text
+
+
+def _rust_words_joined(line: str) -> str:
+    from hf_txl.tokenization_txl import _split_words
+
+    return " ".join(_split_words(line))
+
+
+def test_word_splitting_matches_the_rust_whitespace_exactly():
+    # Python's str.split() also splits at \x1c-\x1f; tokenizers' WhitespaceSplit does not.
+    text = "a\x1cb c\x85d\xa0e\u2028f\u200bg\ufeffh\u3000i\x0bj\x1fk"
+    tok = TxlWordTokenizer.from_corpus([text])
+    assert tok.convert_ids_to_tokens(tok.encode(text)) == ["a\x1cb", "c", "d", "e", "f\u200bg\ufeffh", "i", "j\x1fk"]
+    assert tok.unk_token_id not in tok.encode(text)
+
+
+def test_min_frequency_and_max_vocab_size():
+    corpus = ["b b b a a c c d e\n"]
+    assert TxlWordTokenizer.from_corpus(corpus, min_frequency=2).convert_ids_to_tokens([3, 4, 5]) == ["b", "a", "c"]
+    assert len(TxlWordTokenizer.from_corpus(corpus, min_frequency=2)) == 6
+    capped = TxlWordTokenizer.from_corpus(corpus, max_vocab_size=5)  # 3 specials + the 2 most frequent
+    assert capped.convert_ids_to_tokens(list(range(5))) == ["<unk>", "<pad>", "<eos>", "b", "a"]
+    assert capped.convert_ids_to_tokens(capped.encode("a c e")) == ["a", "<unk>", "<unk>"]
+    assert len(TxlWordTokenizer.from_corpus(corpus, max_vocab_size=100)) == 8
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(min_frequency=0), r"min_frequency must be an integer >= 1, got 0; 1 keeps every word"),
+        (dict(min_frequency=1.5), r"min_frequency must be an integer >= 1"),
+        (dict(max_vocab_size=3), r"max_vocab_size must be an integer > 3 .*got 3; raise it or pass None"),
+        (dict(min_frequency=99), r"min_frequency=99 leaves no word .*occurs 3 times\); lower min_frequency"),
+    ],
+)
+def test_bad_word_limits_name_the_problem_and_the_fix(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TxlWordTokenizer.from_corpus(["b b b a\n"], **kwargs)
+
+
+def test_bad_word_corpora():
+    for empty in ([], [""], [" \n\t", "\n"]):
+        with pytest.raises(ValueError, match="empty corpus"):
+            TxlWordTokenizer.from_corpus(empty)
+    with pytest.raises(TypeError):
+        TxlWordTokenizer.from_corpus([b"bytes"])
+    assert len(TxlWordTokenizer.from_corpus("one string is one text")) == 3 + 4
+
+
+def test_build_tokenizer_kinds_and_errors(shakespeare):
+    assert build_tokenizer("char", [shakespeare]).get_vocab() == TxlCharTokenizer.from_corpus([shakespeare]).get_vocab()
+    assert len(build_tokenizer("byte", iter(()))) == 258  # the corpus is not read
+    word = build_tokenizer("word", [shakespeare], min_frequency=2, max_vocab_size=5000)
+    assert isinstance(word, TxlWordTokenizer) and len(word) == 5000
+    assert [token_unit(t) for t in (build_tokenizer(k, ["ab c"]) for k in TOKENIZER_KINDS)] == list(TOKENIZER_KINDS)
+    with pytest.raises(ValueError, match=r"unknown tokenizer kind 'words'; choose one of \['char', 'byte', 'word'\]"):
+        build_tokenizer("words", ["a"])
+    with pytest.raises(ValueError, match=r"apply to word vocabularies only .*use kind='word'"):
+        build_tokenizer("char", ["a"], min_frequency=2)
+    with pytest.raises(ValueError, match="max_vocab_size must be"):
+        build_tokenizer("word", ["a"], max_vocab_size=0)
+    for kind in ("char", "word"):
+        with pytest.raises(ValueError, match="empty corpus"):
+            build_tokenizer(kind, [])
+
+
+def test_token_unit_of_saved_and_old_tokenizers(tmp_path, word_tok):
+    from transformers import AutoTokenizer
+
+    tokenizers = {"char": TxlCharTokenizer.from_corpus(["ab"]), "byte": TxlCharTokenizer.byte_level(), "word": word_tok}
+    for unit, tok in tokenizers.items():
+        assert token_unit(tok) == unit
+        tok.save_pretrained(tmp_path / unit)
+        assert json.loads((tmp_path / unit / "tokenizer_config.json").read_text())["token_unit"] == unit
+        assert token_unit(AutoTokenizer.from_pretrained(tmp_path / unit)) == unit
+        # a directory saved before token_unit was recorded: recognised from the backend model
+        config = json.loads((tmp_path / unit / "tokenizer_config.json").read_text())
+        del config["token_unit"]
+        (tmp_path / unit / "tokenizer_config.json").write_text(json.dumps(config))
+        assert token_unit(AutoTokenizer.from_pretrained(tmp_path / unit)) == unit
+    assert token_unit(object()) == "token"
+
+
+def test_fast_word_encoder_agrees_with_the_tokenizers_pipeline(tmp_path, shakespeare):
+    from transformers import AutoTokenizer
+
+    tok = TxlWordTokenizer.from_corpus([shakespeare[:50000], *ADVERSARIAL], min_frequency=2)
+    tok.save_pretrained(tmp_path)
+    texts = [shakespeare[50000:60000], *ADVERSARIAL, "x<unk>y <pad> <eos>\n\x1c\x1f\x85 a\u2028b"]
+    for loaded in (tok, AutoTokenizer.from_pretrained(tmp_path)):
+        encode = fast_word_encoder(loaded)
+        assert encode is not None
+        for text in texts:
+            assert encode(text) == loaded(text, add_special_tokens=False)["input_ids"]
+    assert fast_word_encoder(TxlCharTokenizer.from_corpus(["ab"])) is None
+    assert fast_word_encoder(TxlWordTokenizer.from_corpus(["ab"], split_special_tokens=False)) is None
+
+
+def test_word_corpus_through_tokenize_to_array(shakespeare):
+    from datasets import Dataset
+
+    from hf_txl.data import tokenize_to_array
+
+    text = shakespeare[: shakespeare.index("\n", 120000) + 1]  # several pieces: the whole-text row is cut at line ends
+    tok = TxlWordTokenizer.from_corpus([text[:60000]])  # the rest has unknown words: no warning for them
+    lines = text.split("\n")[:-1]
+    by_line = [line + "\n" for line in lines]
+    expected = tok(text, add_special_tokens=False)["input_ids"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnknownCharacterWarning)
+        whole = tokenize_to_array(Dataset.from_dict({"text": [text]}), tok)
+        per_line = tokenize_to_array(Dataset.from_dict({"text": by_line}), tok)
+        stripped = tokenize_to_array(Dataset.from_dict({"text": lines}), tok)  # rows without their newline
+    assert whole.tolist() == per_line.tolist() == stripped.tolist() == expected
+    assert int((whole == tok.line_end_token_id).sum()) == len(lines) == text.count("\n")
+    assert tok.unk_token_id in expected
+    # WikiText-103 rows: "" for a blank line still gives its <eos>; a last line without "\n" gets one too
+    rows = tokenize_to_array(Dataset.from_dict({"text": [" the the \n", "", "the zebra"]}), tok)
+    assert tok.decode(rows.tolist()) == "the the\n\nthe <unk>\n"
+
+
+def test_word_save_and_reload(tmp_path, word_tok):
+    word_tok.save_pretrained(tmp_path)
+    assert sorted(f for f in os.listdir(tmp_path) if not f.endswith(".json")) == []
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "TokenizersBackend" and config["token_unit"] == "word"
+    reloaded = TxlWordTokenizer.from_pretrained(tmp_path)
+    sample = "the cat sat on a zebra\n\nthe end\n"
+    assert reloaded.encode(sample) == word_tok.encode(sample)
+    assert reloaded.decode(reloaded.encode(sample)) == sample.replace("zebra", "<unk>")
+    assert reloaded.get_vocab() == word_tok.get_vocab() and len(reloaded) == len(word_tok)
+    assert (reloaded.unk_token_id, reloaded.pad_token_id, reloaded.eos_token_id, reloaded.line_end_token_id) == (
+        0, 1, None, 2,
+    )  # fmt: skip
