@@ -1,17 +1,7 @@
-"""Pieces of the training loop that need care: evaluation with memory, and exact, atomic checkpoints.
+"""The library side of ``hf_txl.train``: evaluation with memory, the optimizer, the metrics log, the CPU thread
+count, and the export of a trained model directory.
 
-Used by ``scripts/train.py`` and ``scripts/evaluate.py``.
-
-A checkpoint is a directory ``<output_dir>/checkpoints/step_<N>`` holding
-
-* what ``accelerator.save_state`` writes (weights as safetensors, optimizer, scheduler, every process's RNG
-  states; Accelerate reads its ``.bin``/``.pkl`` files back with ``torch.load(weights_only=True)``),
-* ``mems_<rank>.safetensors``: the training memory of every process,
-* ``stream_<rank>.json``: every process's stream position,
-* ``trainer_state.json``: step counter, model config and the arguments of the run.
-
-It is written to a hidden temporary directory and renamed into place when complete, so a run killed while
-saving leaves the previous checkpoint untouched and loadable.
+Checkpoints live in ``hf_txl.checkpointing``. ``scripts/evaluate.py`` uses the evaluation part.
 """
 
 from __future__ import annotations
@@ -22,25 +12,14 @@ import functools
 import importlib
 import json
 import os
-import re
-import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
-from .cache_txl import TxlCache
 from .data import StreamBatcher
-
-CHECKPOINTS = "checkpoints"
-TRAINER_STATE = "trainer_state.json"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-
 
 # ----------------------------------------------------------------------------------------------------
 # Evaluation
@@ -203,114 +182,202 @@ def evaluate_stream(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoints
+# CPU threads
 # ----------------------------------------------------------------------------------------------------
 
 
-def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run, oldest first (temporary directories are ignored)."""
-    root = Path(output_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = []
-    for path in root.iterdir():
-        match = _STEP_DIR.match(path.name)
-        if match and (path / TRAINER_STATE).is_file():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-threads do not speed up matrix products)."""
+    import psutil  # an Accelerate dependency
+
+    physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else physical
+    return max(1, min(physical, allowed))
 
 
-def resolve_checkpoint(output_dir: str | os.PathLike, name: str) -> Path:
-    """``latest`` (the newest complete checkpoint in ``output_dir``) or a path to one."""
-    if name == "latest":
-        found = list_checkpoints(output_dir)
-        if not found:
-            raise FileNotFoundError(
-                f"--resume_from_checkpoint latest: no checkpoint under {Path(output_dir) / CHECKPOINTS}; "
-                "start without --resume_from_checkpoint, or pass the path of a checkpoint directory."
-            )
-        return found[-1][1]
-    path = Path(name)
-    if not (path / TRAINER_STATE).is_file():
-        raise FileNotFoundError(
-            f"--resume_from_checkpoint {name}: not a complete checkpoint (no {TRAINER_STATE} there). "
-            f"Checkpoints live in <output_dir>/{CHECKPOINTS}/step_<N>; 'latest' picks the newest."
+def _launcher_process(max_depth: int = 4) -> int | None:
+    """The pid of the ``accelerate launch`` process above this one (Linux ``/proc``), if any."""
+    pid = os.getppid()
+    for _ in range(max_depth):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return None
+        if any(b"accelerate" in part for part in cmdline[:3]):
+            return pid
+        pid = int(stat.rsplit(")", 1)[1].split()[1])  # the parent's pid
+        if pid <= 1:
+            return None
+    return None
+
+
+def accelerate_pinned_one_thread() -> bool:
+    """Whether ``accelerate launch`` (not the user) set ``OMP_NUM_THREADS=1`` for this process.
+
+    Without ``--cpu``, ``accelerate launch`` passes ``OMP_NUM_THREADS=1`` to its processes on a CPU-only machine
+    unless told otherwise, which halves the training speed on 2 cores. It was the user's choice when the launcher
+    itself was started with ``OMP_NUM_THREADS`` set or with ``--num_cpu_threads_per_process``; both are read from
+    the launcher's ``/proc`` entries (its environment as it was started, and its command line).
+    """
+    if os.environ.get("OMP_NUM_THREADS") != "1" or "ACCELERATE_DYNAMO_BACKEND" not in os.environ:
+        return False
+    launcher = _launcher_process()
+    if launcher is None:
+        return False
+    try:
+        environ = Path(f"/proc/{launcher}/environ").read_bytes().split(b"\0")
+        cmdline = Path(f"/proc/{launcher}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    user_set_env = any(entry.startswith(b"OMP_NUM_THREADS=") for entry in environ)
+    user_set_flag = any(part.startswith(b"--num_cpu_threads_per_process") for part in cmdline)
+    return not (user_set_env or user_set_flag)
+
+
+def configure_cpu_threads(requested: int | None, local_processes: int) -> str:
+    """Set torch's intra-op thread count for a CPU run and return a sentence saying how many and why.
+
+    ``requested`` (``--num_threads``) wins when given. Otherwise, when ``accelerate launch`` pinned the process to
+    one thread by default, use physical cores / local processes; an explicit ``OMP_NUM_THREADS`` or
+    ``--num_cpu_threads_per_process`` is kept.
+    """
+    if requested:
+        torch.set_num_threads(requested)
+        return f"{requested} CPU thread(s) per process (--num_threads)"
+    if accelerate_pinned_one_thread():
+        threads = max(1, physical_cores() // max(local_processes, 1))
+        torch.set_num_threads(threads)
+        return (
+            f"{threads} CPU thread(s) per process (physical cores / {local_processes} local process(es); "
+            "accelerate launch's default of 1 replaced, choose with --num_threads)"
         )
-    return path
+    source = "OMP_NUM_THREADS" if "OMP_NUM_THREADS" in os.environ else "torch's default"
+    return f"{torch.get_num_threads()} CPU thread(s) per process ({source}; choose with --num_threads)"
 
 
-def save_mems(mems: TxlCache | None, path: Path) -> None:
-    tensors, metadata = {}, {}
-    if mems is not None and not mems.is_empty:
-        tensors = {f"layer_{i}": m.detach().contiguous().cpu() for i, m in enumerate(mems)}
-        if mems.padding_mask is not None:
-            tensors["padding_mask"] = mems.padding_mask.contiguous().cpu()
-        metadata["seen_tokens"] = str(mems.get_seq_length())
-    save_file(tensors, str(path), metadata=metadata)
+def enable_fsdp_on_cpu(accelerator) -> bool:
+    """Honour ``accelerate launch --use_fsdp`` (``ACCELERATE_USE_FSDP=true``) on CPU processes; whether it did.
+
+    Accelerate 1.15 turns FSDP on only for GPU-like devices: with ``--cpu`` / ``ACCELERATE_USE_CPU=true`` it
+    silently runs plain DDP (``MULTI_CPU``) instead. torch's FSDP2 (``fully_shard``) itself works on CPU with
+    gloo, so this sets what Accelerate sets on a GPU (``AcceleratorState.__init__``): distributed type FSDP, in
+    both state singletons, and the plugin read from the launcher's environment. Call it right after creating the
+    Accelerator, before ``prepare``.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    wanted = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if not wanted or state.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    plugin = FullyShardedDataParallelPlugin()
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin, state.distributed_type = plugin, DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    return True
 
 
-def load_mems(path: Path, device) -> TxlCache | None:
-    tensors = load_file(str(path), device=str(device))
-    if not tensors:
-        return None
-    with safe_open(str(path), framework="pt") as handle:
-        seen = (handle.metadata() or {}).get("seen_tokens")
-    layers = sorted((k for k in tensors if k.startswith("layer_")), key=lambda k: int(k.split("_")[1]))
-    memory = [tensors[k] for k in layers]
-    return TxlCache(memory, tensors.get("padding_mask"), seen_tokens=None if seen is None else int(seen))
+# ----------------------------------------------------------------------------------------------------
+# Optimizer, metrics log, export
+# ----------------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(
-    accelerator,
+def make_optimizer(model, *, learning_rate: float, weight_decay: float, betas: tuple[float, float], fused: bool = True):
+    """AdamW; no weight decay on biases, LayerNorms, embeddings and the position biases u, v.
+
+    ``fused`` runs one kernel per parameter group instead of a Python loop over tensors; it also works on the
+    sharded DTensor parameters of FSDP2 (DTensor implements the fused AdamW kernel), CPU included.
+    """
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        skip = param.dim() < 2 or "word_emb" in name or "r_w_bias" in name or "r_r_bias" in name
+        (no_decay if skip else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+
+class JsonLog:
+    """Append-only JSON-lines metrics log (``log.jsonl``); on resume, records after the checkpoint's step are
+    dropped so the log reads as one uninterrupted run."""
+
+    def __init__(self, path: Path, enabled: bool, from_step: int = 0):
+        self.path, self.enabled = Path(path), enabled
+        if enabled and self.path.exists():
+            lines = self.path.read_text().splitlines()
+            kept = [line for line in lines if line and json.loads(line)["step"] <= from_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+@contextlib.contextmanager
+def unsharded_class(model):
+    """Give an FSDP2 model its own class back for a while (``FSDPTxlForCausalLM`` -> ``TxlForCausalLM``).
+
+    ``fully_shard`` swaps the class of each module it wraps for a subclass defined in torch; ``save_pretrained``
+    would then copy torch's FSDP source files as the model's code and name them in ``config.json``'s ``auto_map``.
+    A no-op for any other model.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded_class = type(model)
+    if not issubclass(sharded_class, FSDPModule):
+        yield model
+        return
+    model.__class__ = next(c for c in sharded_class.__mro__ if not issubclass(c, FSDPModule))
+    try:
+        yield model
+    finally:
+        model.__class__ = sharded_class
+
+
+def share_tied_tensors(model, state_dict: dict) -> dict:
+    """``state_dict`` with every name of a tied parameter (one object under several names, e.g. ``lm_head.weight``
+    and ``transformer.word_emb.weight``) pointing at one tensor.
+
+    Full weights gathered from FSDP shards hold a separate copy per name; ``save_pretrained`` drops the duplicates
+    of shared tensors only, so without this the export would store the tied weight twice (and differ from an
+    unsharded run's).
+    """
+    shared, first_name = dict(state_dict), {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name in shared:
+            shared[name] = shared[first_name.setdefault(id(param), name)]
+    return shared
+
+
+def export_model_dir(
     output_dir: str | os.PathLike,
-    step: int,
+    model,
+    tokenizer,
     *,
-    mems: TxlCache | None,
-    stream_state: dict,
-    trainer_state: dict[str, Any],
-    keep_last: int = 2,
-    kill_hook=None,
-) -> Path:
-    """Write checkpoint ``step`` atomically (all processes must call this), keep the newest ``keep_last``."""
-    root = Path(output_dir) / CHECKPOINTS
-    final = root / f"step_{step:08d}"
-    tmp = root / f".tmp_step_{step:08d}"
-    if accelerator.is_main_process:
-        for stale in root.glob(".tmp_step_*") if root.is_dir() else []:
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    rank = accelerator.process_index
-    save_mems(mems, tmp / f"mems_{rank}.safetensors")
-    (tmp / f"stream_{rank}.json").write_text(json.dumps(stream_state))
-    if kill_hook is not None:
-        kill_hook("during_save", step)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
-        if final.exists():  # the same step saved again after a resume: replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for _, old in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
+    state_dict: dict | None = None,
+    eval_results: dict,
+    training_args: dict,
+    repo_id: str | None = None,
+) -> None:
+    """Write a trained model directory (call on the main process only): weights, config, generation config,
+    tokenizer, the flat code files, ``eval_results.json``, ``training_args.json`` and the model card (README.md)
+    with its loss curve. ``model`` is the unwrapped model; ``state_dict`` the full weights when they were
+    gathered from shards (``accelerator.get_state_dict``)."""
+    from . import __version__
+    from .model_card import write_model_card
 
-
-def load_checkpoint(accelerator, path: Path) -> tuple[dict[str, Any], TxlCache | None, dict]:
-    """Restore model, optimizer, scheduler and RNG states; return (trainer_state, this process's mems,
-    this process's stream position)."""
-    trainer_state = json.loads((path / TRAINER_STATE).read_text())
-    saved_processes = trainer_state.get("num_processes", 1)
-    if saved_processes != accelerator.num_processes:
-        raise ValueError(
-            f"Checkpoint {path} was written by {saved_processes} process(es) but this run has "
-            f"{accelerator.num_processes}; the memory and stream positions are per process. Resume with "
-            f"--num_processes {saved_processes}."
-        )
-    accelerator.load_state(str(path))
-    rank = accelerator.process_index
-    mems = load_mems(path / f"mems_{rank}.safetensors", accelerator.device)
-    stream_state = json.loads((path / f"stream_{rank}.json").read_text())
-    return trainer_state, mems, stream_state
+    output_dir = Path(output_dir)
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if state_dict is not None:
+        state_dict = share_tied_tensors(model, state_dict)
+    with unsharded_class(model):
+        model.save_pretrained(output_dir, state_dict=state_dict)
+    tokenizer.save_pretrained(output_dir)
+    (output_dir / "eval_results.json").write_text(json.dumps(eval_results, indent=2))
+    record = {**training_args, "hf_txl_version": __version__}
+    (output_dir / "training_args.json").write_text(json.dumps(record, indent=2))
+    write_model_card(output_dir, repo_id=repo_id)

@@ -1,4 +1,5 @@
-"""scripts/train.py end to end: training, export, exact resume after SIGKILL, two processes, bad input."""
+"""scripts/train.py end to end: training, export, exact resume after SIGKILL, damaged checkpoints, two processes,
+the CPU thread count under accelerate launch, bad input."""
 
 import json
 import os
@@ -13,13 +14,14 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, str(ROOT / "scripts" / "train.py")]
+KILL_TRAIN = [sys.executable, str(ROOT / "tests" / "kill_train.py")]  # hf_txl.train with a SIGKILL at a chosen point
 TINY = ["--preset", "tiny", "--logging_steps", "1"]
 
 
-def run_train(args, *, env=None, check=True, launcher=None):
+def run_train(args, *, env=None, check=True, launcher=None, script=TRAIN):
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     full_env.update(env or {})
-    command = (launcher or TRAIN[:1]) + TRAIN[1:] + list(args)
+    command = (launcher or script[:1]) + script[1:] + list(args)
     result = subprocess.run(command, capture_output=True, text=True, env=full_env, cwd=ROOT, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stderr[-4000:]}")
@@ -67,7 +69,8 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path):
     run_train([*common, "--output_dir", str(straight)])
 
     killed = tmp_path / "killed"
-    result = run_train([*common, "--output_dir", str(killed)], env={"HF_TXL_KILL_AT": "after_step:9"}, check=False)
+    kill = {"HF_TXL_KILL_AT": "after_step:9"}
+    result = run_train([*common, "--output_dir", str(killed)], env=kill, check=False, script=KILL_TRAIN)
     assert result.returncode == -signal.SIGKILL
     assert not (killed / "model.safetensors").exists()
     assert max(losses(killed)) == 9  # it really ran past the checkpoint at step 6
@@ -84,7 +87,7 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path):
 def test_kill_while_saving_leaves_previous_checkpoint_loadable(tmp_path):
     out = tmp_path / "run"
     common = [*TINY, "--max_train_steps", "8", "--checkpointing_steps", "4", "--output_dir", str(out)]
-    result = run_train(common, env={"HF_TXL_KILL_AT": "during_save:8"}, check=False)
+    result = run_train(common, env={"HF_TXL_KILL_AT": "during_save:8"}, check=False, script=KILL_TRAIN)
     assert result.returncode == -signal.SIGKILL
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert checkpoints == [".tmp_step_00000008", "step_00000004"]  # the half-written one is not a checkpoint
@@ -140,9 +143,16 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_and_still_trains(tmp_path):
 # --- bad input: clear errors before any training, nothing overwritten ------------------------------------
 
 
+def assert_one_line_error(result, message):
+    """A user error: non-zero exit, one ``train.py: error: ...`` line naming the problem, no traceback."""
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("train.py: error: ")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
 def test_unknown_preset():
-    result = run_train(["--preset", "huge"], check=False)
-    assert result.returncode != 0 and "Unknown preset 'huge'" in result.stderr
+    assert_one_line_error(run_train(["--preset", "huge"], check=False), "Unknown preset 'huge'")
 
 
 @pytest.mark.parametrize(
@@ -152,19 +162,121 @@ def test_unknown_preset():
         (["--resume_from_checkpoint", "latest", "--overwrite_output_dir"], "deletes it"),
         (["--push_to_hub"], "needs --hub_model_id"),
         (["--tgt_len", "0"], "--tgt_len must be >= 1"),
+        (["--learning_rate", "-0.001"], "--learning_rate must be a positive number, got -0.001"),
+        (["--learning_rate", "nan"], "--learning_rate must be a positive number"),
+        (["--adam_beta2", "1.0"], "--adam_beta2 must lie in [0, 1)"),
+        (["--weight_decay", "-1"], "--weight_decay must be >= 0"),
+        (["--num_threads", "0"], "--num_threads must be >= 1"),
+        (["--min_frequency", "3"], "apply to --tokenizer word only"),
+        (["--tokenizer", "words"], "invalid choice: 'words'"),
+        (["--max_train_steps", "ten"], "invalid int value: 'ten'"),
         (["--checkpointing_steps", "often"], "--checkpointing_steps must be"),
         (["--validation_split_fraction", "1.5"], "(0, 1)"),
-        (["--config_overrides", "n_layers=3"], "unknown TxlConfig field 'n_layers'"),
+        (["--config_overrides", "n_layers=3"], "unknown field 'n_layers' in 'n_layers=3'; did you mean 'n_layer'?"),
+        (["--config_overrides", "cutoffs=[10,20"], "--config_overrides: "),
         (["--config_overrides", "d_model=-1"], "`d_model`"),
         (["--per_device_train_batch_size", "100000"], "shorter than one batch"),
         (["--train_file", "/nonexistent/corpus.txt"], "corpus.txt"),
+        (["--resume_from_checkpoint", "latest"], "no checkpoint under"),
     ],
 )
 def test_bad_arguments_fail_before_training(tmp_path, args, message):
     result = run_train([*TINY, "--output_dir", str(tmp_path / "out"), *args], check=False)
-    assert result.returncode != 0
-    assert message in result.stderr, result.stderr[-2000:]
+    assert_one_line_error(result, message)
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_empty_corpus_is_a_clear_error(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    result = run_train([*TINY, "--output_dir", str(tmp_path / "out"), "--train_file", str(empty)], check=False)
+    assert_one_line_error(result, "the training corpus is empty")
+
+
+def file_times(root: Path) -> dict:
+    return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncate", "overwrite"])
+def test_damaged_checkpoint_is_found_before_loading(tmp_path, damage):
+    """A truncated or overwritten file in the newest checkpoint: an explicit path to it is refused naming the file,
+    and nothing changes; ``latest`` falls back to the previous checkpoint with a warning and then continues exactly
+    like an uninterrupted run."""
+    common = [*TINY, "--max_train_steps", "12", "--checkpointing_steps", "4", "--checkpoints_total_limit", "3"]
+    straight = tmp_path / "straight"
+    run_train([*common, "--output_dir", str(straight)])
+    out = tmp_path / "run"
+    run_train([*common, "--output_dir", str(out)])
+    newest = out / "checkpoints" / "step_00000012"
+    weights = newest / "model.safetensors"
+    data = weights.read_bytes()
+    if damage == "truncate":
+        weights.write_bytes(data[: len(data) // 2])
+    else:
+        weights.write_bytes(data[:-8] + bytes(8))  # same size, other bytes
+    before = file_times(out)
+
+    explicit = run_train([*common, "--output_dir", str(out), "--resume_from_checkpoint", str(newest)], check=False)
+    assert_one_line_error(explicit, "model.safetensors")
+    assert "damaged" in explicit.stderr
+    assert file_times(out) == before  # exported model and every checkpoint untouched
+
+    resumed = run_train([*common, "--output_dir", str(out), "--resume_from_checkpoint", "latest"])
+    log = resumed.stdout + resumed.stderr
+    assert "skipping damaged checkpoint" in log and str(weights) in log
+    assert "step_00000008 at step 8" in log
+    assert losses(out) == losses(straight)
+    a, b = load_file(straight / "model.safetensors"), load_file(out / "model.safetensors")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    for step in ("00000004", "00000008"):  # the intact checkpoints were read, never rewritten
+        kept = {p: t for p, t in before.items() if f"step_{step}" in str(p)}
+        assert kept and all(file_times(out).get(p) == t for p, t in kept.items())
+
+
+def test_every_checkpoint_damaged_is_refused_and_nothing_changes(tmp_path):
+    from hf_txl.checkpointing import CheckpointError, resolve_checkpoint
+
+    broken = tmp_path / "checkpoints" / "step_00000002"
+    broken.mkdir(parents=True)
+    (broken / "trainer_state.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="manifest.json is missing"):
+        resolve_checkpoint(tmp_path, str(broken))
+    seen = []
+    with pytest.raises(CheckpointError, match="every checkpoint .* is damaged"):
+        resolve_checkpoint(tmp_path, "latest", on_damaged=seen.append)
+    assert len(seen) == 1 and "step_00000002" in seen[0]
+    assert sorted(p.name for p in broken.iterdir()) == ["trainer_state.json"]
+
+
+def clean_launch_env(tmp_path, **extra):
+    """accelerate launch with no config file (a fresh HF_HOME) and no thread setting of ours."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "OMP_"))}
+    return {**env, "HF_HOME": str(tmp_path / "hf_home"), **extra}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra_env,train_flags,expected",
+    [
+        ({}, [], "physical cores / 1 local process(es)"),
+        ({"OMP_NUM_THREADS": "1"}, [], "1 CPU thread(s) per process (OMP_NUM_THREADS"),
+        ({}, ["--num_threads", "1"], "1 CPU thread(s) per process (--num_threads)"),
+    ],
+)
+def test_plain_accelerate_launch_uses_the_cores(tmp_path, extra_env, train_flags, expected):
+    """Without --cpu, accelerate launch pins a CPU process to one thread; hf_txl.train replaces that default only."""
+    from hf_txl.training import physical_cores
+
+    launcher = [sys.executable, "-m", "accelerate.commands.launch"]  # no flags, no config
+    env = clean_launch_env(tmp_path, **extra_env)
+    result = run_train([*TINY, "--max_train_steps", "1", "--output_dir", str(tmp_path / "o"), *train_flags],
+                       env=env, launcher=launcher)  # fmt: skip
+    line = next(line for line in result.stdout.splitlines() if line.startswith("Using "))
+    assert expected in line, line
+    if not extra_env and not train_flags:
+        assert line.startswith(f"Using {physical_cores()} CPU thread(s)"), line
 
 
 @pytest.mark.slow
