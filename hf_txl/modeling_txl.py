@@ -352,6 +352,8 @@ class TxlRelAttention(nn.Module):
         query = query.view(batch, qlen, self.n_head, self.d_head).transpose(1, 2)  # [B, H, T, D]
         key, value = key_value.view(batch, klen, 2, self.n_head, self.d_head).unbind(2)  # [B, K, H, D] each
         key, value = key.transpose(1, 2), value.transpose(1, 2)  # [B, H, K, D]
+        if r_w_bias is None:  # this layer's own u, v (untie_r), read inside it, where FSDP has gathered them
+            r_w_bias, r_r_bias = self.r_w_bias, self.r_r_bias
         implementation = "eager" if kwargs.get("output_attentions") else self.config._attn_implementation or "eager"
         attention = TXL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_rel_attention)
         out, probs = attention(
@@ -718,8 +720,8 @@ class TxlModel(TxlPreTrainedModel):
         layer_inputs = []
         for index, layer in enumerate(self.layers):
             layer_inputs.append(hidden)
-            r_w_bias = layer.attn.r_w_bias if config.untie_r else self.r_w_bias
-            r_r_bias = layer.attn.r_r_bias if config.untie_r else self.r_r_bias
+            r_w_bias = None if config.untie_r else self.r_w_bias  # None: the layer's own (see TxlRelAttention)
+            r_r_bias = None if config.untie_r else self.r_r_bias
             hidden = layer(
                 hidden, memory[index], position_embeddings, allowed, r_w_bias, r_r_bias, cache=layer_cache, **kwargs
             )
