@@ -14,6 +14,11 @@ rendered with Jinja2 through ``huggingface_hub.ModelCard.from_template`` (which 
 optimizer step, labelled axes, legend) is drawn with matplotlib on its own Agg canvas (no ``pyplot``, so no global
 backend change: headless and thread-safe). A log without training-loss records gives no picture, and the card then
 leaves the figure out.
+
+The card follows the run's token unit (``training_args.json``'s ``tokenizer``: "char", the default, "byte" or
+"word"; see :data:`UNITS`): the unit names in the prose and tables, the headline figure (bits per character or
+per byte for character / byte models; perplexity per word for word models, every word and each line's ``<eos>``
+scored, as in the paper's WikiText-103 setup), the vocabulary limitation, the tags and the loss-curve title.
 """
 
 from __future__ import annotations
@@ -38,6 +43,20 @@ TEMPLATE_PATH = _template_path()
 LOSS_CURVE = "loss_curve.png"
 EVALUATION_FILE = "evaluation.json"
 BUNDLED_DATASET = ("karpathy/tiny_shakespeare", "Tiny Shakespeare")
+
+#: How the card names each token unit (hf_txl.tokenization_txl.token_unit) and which figure it leads with:
+#: ``kind`` ("<kind>-level": prose, tags, loss-curve title), ``name`` / ``plural`` (prose and table columns),
+#: ``short`` ("nats/<short>"), ``headline`` ("bpc" or "perplexity") and ``bits`` (the bpc figure's name).
+UNITS: dict[str, dict[str, str]] = {
+    "char": {"code": "char", "kind": "character", "name": "character", "plural": "characters", "short": "char",
+             "headline": "bpc", "bits": "bits per character"},
+    "byte": {"code": "byte", "kind": "byte", "name": "byte", "plural": "bytes", "short": "byte",
+             "headline": "bpc", "bits": "bits per byte"},
+    "word": {"code": "word", "kind": "word", "name": "word", "plural": "words", "short": "word",
+             "headline": "perplexity", "bits": "bits per word"},
+    "token": {"code": "token", "kind": "token", "name": "token", "plural": "tokens", "short": "token",
+              "headline": "perplexity", "bits": "bits per token"},
+}  # fmt: skip
 
 
 def write_model_card(
@@ -75,6 +94,7 @@ def collect_facts(model_dir: Path, *, repo_id: str | None = None) -> dict[str, A
     results = _read_json(model_dir / "eval_results.json")
     evaluation = _read_json(model_dir / EVALUATION_FILE)
     repo_id = repo_id or args.get("hub_model_id")
+    unit = UNITS[token_unit_of(model_dir, args, evaluation)]
     return {
         "model_name": repo_id.split("/")[-1] if repo_id else model_dir.resolve().name,
         "repo_ref": repo_id or "path/to/model_dir",
@@ -83,12 +103,23 @@ def collect_facts(model_dir: Path, *, repo_id: str | None = None) -> dict[str, A
         "config": config,
         "config_json": json.dumps(config, indent=2, sort_keys=True),
         "args": args,
-        "tokenizer_kind": "byte" if args.get("tokenizer") == "byte" else "character",
+        "tokenizer_kind": unit["kind"],
+        "unit": unit,
         "dataset": describe_dataset(args),
         "results": results,
         "evaluation": evaluation,
         "loss_curve": None,
     }
+
+
+def token_unit_of(model_dir: Path, args: dict[str, Any], evaluation: dict[str, Any] | None = None) -> str:
+    """The run's token unit, a key of :data:`UNITS`: ``training_args.json``'s ``tokenizer``, else the
+    ``token_unit`` that ``evaluation.json`` or ``tokenizer_config.json`` records, else "char"."""
+    tokenizer_config = _read_json(model_dir / "tokenizer_config.json") or {}
+    unit = args.get("tokenizer") or (evaluation or {}).get("token_unit") or tokenizer_config.get("token_unit")
+    if not unit:
+        return "char"
+    return unit if unit in UNITS else "token"
 
 
 def describe_dataset(args: dict[str, Any]) -> dict[str, str | None]:
@@ -189,18 +220,24 @@ def eval_results(facts: dict[str, Any]) -> list:
         task_type="text-generation", task_name="Language modelling", dataset_type=dataset["id"] or "text",
         dataset_name=dataset["name"], dataset_config=dataset["config"], dataset_split="validation",
     )  # fmt: skip
+    unit = facts.get("unit") or UNITS["char"]
+    if unit["headline"] == "bpc":  # character / byte level: bits per character (byte) first
+        metrics = (("bpc", unit["bits"].capitalize()), ("perplexity", "Perplexity"), ("loss", "Loss"))
+    else:  # word level: perplexity per word (<eos> included), the paper's WikiText-103 figure
+        metrics = (("perplexity", f"Perplexity per {unit['name']}"), ("loss", f"Loss (nats/{unit['short']})"))
+    headline, headline_label = metrics[0]
     entries = []
     results = facts["results"]
     if results:
         setting = f"eval tgt_len={results.get('eval_tgt_len')}, mem_len={results.get('eval_mem_len')}"
-        for metric, label in (("bpc", "Bits per character"), ("perplexity", "Perplexity"), ("loss", "Loss")):
+        for metric, label in metrics:
             entries.append(EvalResult(**common, metric_type=metric, metric_value=round(results[metric], 4),
                                       metric_name=f"{label} ({setting})"))  # fmt: skip
     for row in (facts["evaluation"] or {}).get("rows", []):
         setting = f"eval tgt_len={row['tgt_len']}, mem_len={row['mem_len']}, clamp_len={row['clamp_len']}"
         setting += ", same_length" if row.get("same_length") else ""
-        entries.append(EvalResult(**common, metric_type="bpc", metric_value=round(row["bpc"], 4),
-                                  metric_name=f"Bits per character ({setting})"))  # fmt: skip
+        entries.append(EvalResult(**common, metric_type=headline, metric_value=round(row[headline], 4),
+                                  metric_name=f"{headline_label} ({setting})"))  # fmt: skip
     return entries
 
 

@@ -5,11 +5,19 @@ import json
 
 import numpy as np
 import pytest
+from conftest import tiny_config
 from huggingface_hub import ModelCard
 from matplotlib.image import imread
 from test_evaluate import make_model_dir
 
-from hf_txl.model_card import loss_curve_figure, loss_curve_points, write_loss_curve_png, write_model_card
+from hf_txl import TxlForCausalLM, TxlWordTokenizer
+from hf_txl.model_card import (
+    collect_facts,
+    loss_curve_figure,
+    loss_curve_points,
+    write_loss_curve_png,
+    write_model_card,
+)
 
 EVAL = {"step": 30, "eval_mem_len": 48, "eval_tgt_len": 16, "loss": 2.3456789, "bpc": 3.3841, "perplexity": 10.44,
         "tokens": 12345, "seconds": 1.5, "tokens_per_s": 8230.0}  # fmt: skip
@@ -24,6 +32,31 @@ def run_dir(tmp_path):
     (tmp_path / "training_args.json").write_text(json.dumps(args))
     (tmp_path / "eval_results.json").write_text(json.dumps(EVAL))
     log = [{"step": s, "loss": 4.0 - 0.05 * s} for s in range(1, 31)] + [{"step": 30, "final": True, "eval_loss": 2.35}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    return tmp_path
+
+
+WORD_EVAL = {"step": 30, "eval_mem_len": 32, "eval_tgt_len": 16, "loss": 4.123456, "bpc": 5.9488,
+             "perplexity": 61.7412, "tokens": 4321, "seconds": 1.5, "tokens_per_s": 2880.0}  # fmt: skip
+WORDS = " ".join(f"w{i}" for i in range(24))
+
+
+@pytest.fixture
+def word_run_dir(tmp_path):
+    """A word-level export with an adaptive input and softmax (cutoffs), as `--tokenizer word` writes it."""
+    tmp_path = tmp_path / "txl-word"
+    tokenizer = TxlWordTokenizer.from_corpus([f"{WORDS}\nthe the the of of\n"], min_frequency=1, max_vocab_size=30)
+    config = tiny_config(vocab_size=len(tokenizer), mem_len=16, pad_token_id=tokenizer.pad_token_id, cutoffs=[8, 16],
+                         div_val=2)  # fmt: skip
+    TxlForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    args = {"preset": "shakespeare_word", "max_train_steps": 30, "per_device_train_batch_size": 4, "tgt_len": 16,
+            "mem_len": 16, "learning_rate": 0.001, "command": "accelerate launch scripts/train.py --tokenizer word",
+            "hf_txl_version": "0.1.0", "tokenizer": "word", "min_frequency": 2, "max_vocab_size": 30,
+            "validation_split_fraction": 0.1}  # fmt: skip
+    (tmp_path / "training_args.json").write_text(json.dumps(args))
+    (tmp_path / "eval_results.json").write_text(json.dumps(WORD_EVAL))
+    log = [{"step": s, "loss": 6.0 - 0.05 * s} for s in range(1, 31)] + [{"step": 30, "final": True, "eval_loss": 4.1}]
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     return tmp_path
 
@@ -116,3 +149,82 @@ def test_log_points_keep_the_last_record_per_step(tmp_path):
     log.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n{"step": 2, "loss": 2.5}\n'
                    '{"step": 2, "eval_loss": 2.2}\n')  # fmt: skip
     assert loss_curve_points(log) == {"train": [(1, 3.0), (2, 2.5)], "eval": [(2, 2.2)]}
+
+
+def test_character_card_names_characters_and_leads_with_bits_per_character(run_dir):
+    text = ModelCard.load(write_model_card(run_dir)).text
+    assert "A character-level **Transformer-XL**" in text
+    assert "| loss (nats/char) | bits per character | perplexity | characters | characters/s |" in text
+    assert "any other character in a prompt is mapped to" in text
+    assert "word-level" not in text and "adaptive input" not in text and "perplexity per" not in text.lower()
+    assert collect_facts(run_dir)["tokenizer_kind"] == "character"
+
+
+def test_word_card_leads_with_perplexity_per_word(word_run_dir):
+    readme = write_model_card(word_run_dir, repo_id="someone/txl-word")
+    card = ModelCard.load(readme)
+    text, data = card.text, card.data.to_dict()
+    assert "word-level" in data["tags"] and "character-level" not in data["tags"]
+    assert "A word-level **Transformer-XL**" in text and "**perplexity per word**" in text
+    assert "| tgt_len | mem_len | **perplexity (per word)** | loss (nats/word) | words | words/s |" in text
+    assert "| 16 | 32 | **61.74** | 4.1235 | 4,321 | 2,880 |" in text
+    assert "bits per character" not in text.lower() and "character-level" not in text and "nats/char" not in text
+    assert "any other character" not in text and "16 words with a memory of 16" in text
+    assert "each line's `<eos>`" in text
+    # the architecture table shows the adaptive input and softmax, from config.json
+    assert "| adaptive input and softmax: cutoffs / div_val / d_embed | 8, 16 / 2 / 32 |" in text
+    # the vocabulary limitation names the word rules from training_args.json
+    assert "seen fewer than 2 times in the training text or beyond the 30 most frequent tokens" in text
+    assert "map to `<unk>`" in text
+    # model-index: perplexity first, no bits-per-character claim
+    results = card.data.eval_results
+    assert [r.metric_type for r in results] == ["perplexity", "loss"]
+    assert results[0].metric_value == 61.7412 and results[0].metric_name.startswith("Perplexity per word")
+    assert not any("character" in r.metric_name.lower() for r in results)
+
+
+def test_word_card_loss_curve_title_and_evaluation_rows(word_run_dir, monkeypatch):
+    import hf_txl.model_card as model_card
+
+    titles = []
+    draw = model_card.write_loss_curve_png
+    monkeypatch.setattr(model_card, "write_loss_curve_png", lambda *a, title=None, **k: (titles.append(title),
+                        draw(*a, title=title, **k)))  # fmt: skip
+    rows = [{"tgt_len": 16, "mem_len": m, "clamp_len": -1, "same_length": True, "loss": 4.0, "bpc": 5.77,
+             "perplexity": 54.598 - m / 100, "tokens": 999, "tokens_per_s": 50.0} for m in (0, 64)]  # fmt: skip
+    report = {"rows": rows, "data": "x.txt", "split": "validation", "batch_size": 2, "device": "cpu",
+              "token_unit": "word", "command": "python scripts/evaluate.py run --mem_len 0 64"}  # fmt: skip
+    (word_run_dir / "evaluation.json").write_text(json.dumps(report))
+    card = ModelCard.load(write_model_card(word_run_dir, repo_id="someone/txl-word"))
+    assert titles == ["txl-word (word-level): loss during training"]
+    assert "| 16 | 64 | -1 | True | **53.96** | 4.0000 | 999 | 50 |" in card.text
+    row_results = [r for r in card.data.eval_results if "clamp_len" in r.metric_name]
+    assert [(r.metric_type, r.metric_value) for r in row_results] == [("perplexity", 54.598), ("perplexity", 53.958)]
+
+
+def test_token_unit_falls_back_to_the_saved_tokenizer_then_char(word_run_dir, run_dir):
+    (word_run_dir / "training_args.json").unlink()
+    assert collect_facts(word_run_dir)["unit"]["code"] == "word"  # tokenizer_config.json's token_unit
+    (run_dir / "training_args.json").write_text("{}")
+    (run_dir / "tokenizer_config.json").unlink()
+    assert collect_facts(run_dir)["tokenizer_kind"] == "character"
+
+
+def test_byte_card_names_bytes_and_leads_with_bits_per_byte(run_dir):
+    args = json.loads((run_dir / "training_args.json").read_text())
+    (run_dir / "training_args.json").write_text(json.dumps({**args, "tokenizer": "byte"}))
+    card = ModelCard.load(write_model_card(run_dir))
+    assert "byte-level" in card.data.to_dict()["tags"] and "A byte-level **Transformer-XL**" in card.text
+    assert "| loss (nats/byte) | bits per byte | perplexity | bytes | bytes/s |" in card.text
+    assert "x 16 bytes with a memory" in card.text and "the 256 byte values" in card.text
+    assert "bits per character" not in card.text and "any other character" not in card.text
+    assert card.data.eval_results[0].metric_name.startswith("Bits per byte")
+
+
+def test_word_card_without_vocabulary_limits(word_run_dir):
+    args = json.loads((word_run_dir / "training_args.json").read_text())
+    (word_run_dir / "training_args.json").write_text(json.dumps({**args, "min_frequency": 1, "max_vocab_size": None}))
+    text = ModelCard.load(write_model_card(word_run_dir)).text
+    assert "Word vocabulary: every word in the training text." in text
+    assert "any word of a prompt that is not in the training text maps to `<unk>`" in text
+    assert "seen fewer than" not in text and "most frequent" not in text
