@@ -16,13 +16,11 @@ from __future__ import annotations
 import math
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_scheduler
 
 from .checkpointing import CHECKPOINTS, check_resume_config, list_checkpoints, load_checkpoint, resolve_checkpoint
@@ -34,7 +32,7 @@ from .modeling_txl import TxlForCausalLM
 from .tokenization_txl import build_tokenizer, token_unit
 from .train_args import PROG, UsageError, parse_args, plain_args, user_errors
 from .training import (
-    JsonLog,
+    TrainingProgress,
     configure_cpu_threads,
     cpu_has_native_bf16,
     enable_fsdp_on_cpu,
@@ -121,11 +119,12 @@ def headline(metrics: dict, unit: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training
+# Set-up
 # ----------------------------------------------------------------------------------------------------
 
 
-def training_function(args) -> dict:
+def make_accelerator(args) -> Accelerator:
+    """The Accelerator (FSDP honoured on CPU processes too), with the CPU thread count chosen and said."""
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         log_with=args.report_to if args.with_tracking else None, project_dir=args.output_dir,
@@ -138,34 +137,35 @@ def training_function(args) -> dict:
                 "Warning: bf16 on a CPU without native bf16 (no AVX512-BF16/AMX): the matrix products are emulated "
                 "and run several times slower than fp32. Drop --mixed_precision for speed on this machine."
             )
-    resume_path = None
-    if args.resume_from_checkpoint:
-        with user_errors():
-            resume_path = resolve_checkpoint(
-                args.output_dir, args.resume_from_checkpoint, on_damaged=lambda m: accelerator.print(f"Warning: {m}")
-            )
-    prepare_output_dir(args, accelerator)
-    set_seed(args.seed)
-    tokenizer, train_ids, eval_ids = get_token_streams(args, accelerator)
-    config = build_config(args, tokenizer)
-    with user_errors():  # both batchers now, so that impossible sizes fail before any training
-        batches = StreamBatcher.from_accelerator(
-            train_ids, accelerator, batch_size=args.per_device_train_batch_size, tgt_len=args.tgt_len
+    return accelerator
+
+
+def find_checkpoint(args, accelerator) -> Path | None:
+    """The checkpoint to resume from (damaged ones named and skipped for 'latest'), before anything is written."""
+    if not args.resume_from_checkpoint:
+        return None
+    with user_errors():
+        return resolve_checkpoint(
+            args.output_dir, args.resume_from_checkpoint, on_damaged=lambda m: accelerator.print(f"Warning: {m}")
         )
+
+
+def get_batches(args, accelerator, train_ids, eval_ids) -> StreamBatcher:
+    """The training batcher; the evaluation one is built too, so that impossible sizes fail before training."""
+    with user_errors():
         StreamBatcher.from_accelerator(
             eval_ids, accelerator, batch_size=args.per_device_eval_batch_size, tgt_len=args.eval_tgt_len
         )
-        if resume_path is not None:
-            check_resume_config(resume_path, config)
-    steps_per_epoch = math.ceil(len(batches) / args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
-        args.max_train_steps = math.ceil((args.num_train_epochs or 1.0) * steps_per_epoch)
+        return StreamBatcher.from_accelerator(
+            train_ids, accelerator, batch_size=args.per_device_train_batch_size, tgt_len=args.tgt_len
+        )
 
+
+def build_training_objects(args, accelerator, config):
+    """Model, optimizer (prepared together, as FSDP2 needs) and learning-rate schedule."""
     model = TxlForCausalLM._from_config(config, attn_implementation=args.attn_implementation)
-    optimizer = make_optimizer(
-        model, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
-        betas=(args.adam_beta1, args.adam_beta2),
-    )  # fmt: skip
+    betas = (args.adam_beta1, args.adam_beta2)
+    optimizer = make_optimizer(model, learning_rate=args.learning_rate, weight_decay=args.weight_decay, betas=betas)
     if args.torch_compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -174,46 +174,80 @@ def training_function(args) -> dict:
         num_training_steps=args.max_train_steps,
     )  # fmt: skip
     accelerator.register_for_checkpointing(scheduler)
-    step, mems = 0, None
+    return model, optimizer, scheduler
+
+
+def resume(accelerator, path: Path, batches: StreamBatcher) -> tuple[int, object]:
+    """Restore every state from checkpoint ``path``; returns (step, this process's memory)."""
+    with user_errors():
+        trainer_state, mems, stream_state = load_checkpoint(accelerator, path)
+        batches.load_state_dict(stream_state)
+    accelerator.print(f"Resumed from {path} at step {trainer_state['step']}.")
+    return trainer_state["step"], mems
+
+
+def save_checkpoint(args, accelerator, step, *, mems, batches, config) -> None:
+    state = {
+        "step": step, "epoch": batches.epoch, "num_processes": accelerator.num_processes,
+        "model_config": config.to_dict(), "args": plain_args(args),
+    }  # fmt: skip
+    save_checkpoint_dir(
+        accelerator, args.output_dir, step, mems=mems, stream_state=batches.state_dict(), trainer_state=state,
+        keep_last=args.checkpoints_total_limit,
+    )  # fmt: skip
+
+
+def check_finite(loss: float, step: int, args) -> None:
+    if not math.isfinite(loss):
+        raise UsageError(
+            f"the training loss became {loss} at step {step}; stopping. The last good checkpoint (if any) in "
+            f"{Path(args.output_dir) / CHECKPOINTS} is intact: lower --learning_rate or --max_grad_norm and resume "
+            "from it."
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------
+
+
+def training_function(args) -> dict:
+    accelerator = make_accelerator(args)
+    resume_path = find_checkpoint(args, accelerator)
+    prepare_output_dir(args, accelerator)
+    set_seed(args.seed)
+    tokenizer, train_ids, eval_ids = get_token_streams(args, accelerator)
+    config = build_config(args, tokenizer)
+    batches = get_batches(args, accelerator, train_ids, eval_ids)
     if resume_path is not None:
         with user_errors():
-            trainer_state, mems, stream_state = load_checkpoint(accelerator, resume_path)
-            batches.load_state_dict(stream_state)
-        step = trainer_state["step"]
-        accelerator.print(f"Resumed from {resume_path} at step {step}.")
+            check_resume_config(resume_path, config)
+    steps_per_epoch = math.ceil(len(batches) / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = math.ceil((args.num_train_epochs or 1.0) * steps_per_epoch)
+    model, optimizer, scheduler = build_training_objects(args, accelerator, config)
+    step, mems = resume(accelerator, resume_path, batches) if resume_path is not None else (0, None)
     if args.with_tracking:
         accelerator.init_trackers("hf_txl", config=plain_args(args))
-    log = JsonLog(Path(args.output_dir) / "log.jsonl", accelerator.is_main_process, from_step=step)
-    eval_kwargs = dict(
+    progress = TrainingProgress(
+        accelerator, args.output_dir, total_steps=args.max_train_steps, start_step=step,
+        logging_steps=args.logging_steps, tracking=args.with_tracking,
+        tokens_per_micro_step=args.per_device_train_batch_size * args.tgt_len * accelerator.num_processes,
+    )  # fmt: skip
+    evaluation = dict(
         batch_size=args.per_device_eval_batch_size, tgt_len=args.eval_tgt_len, mem_len=args.eval_mem_len,
         clamp_len=args.eval_clamp_len, same_length=args.eval_same_length, accelerator=accelerator,
     )  # fmt: skip
-
-    def save_checkpoint(at_step):
-        state = {
-            "step": at_step, "epoch": batches.epoch, "num_processes": accelerator.num_processes,
-            "model_config": config.to_dict(), "args": plain_args(args),
-        }  # fmt: skip
-        save_checkpoint_dir(
-            accelerator, args.output_dir, at_step, mems=mems, stream_state=batches.state_dict(),
-            trainer_state=state, keep_last=args.checkpoints_total_limit,
-        )  # fmt: skip
-
-    def record(metrics: dict, prefix: str = "", **extra) -> None:
-        log.write({"step": step, **extra, **{f"{prefix}{k}": v for k, v in metrics.items()}})
-        if args.with_tracking:
-            accelerator.log({f"{prefix or 'train_'}{k}": v for k, v in metrics.items()}, step=step)
-
+    unit = token_unit(tokenizer)
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     accelerator.print(
         f"Training {n_params:.2f}M parameters for {args.max_train_steps} steps ({steps_per_epoch} per epoch) "
         f"on {accelerator.num_processes} process(es) ({distribution(accelerator)}), {accelerator.device}, "
         f"mixed precision {accelerator.mixed_precision}."
     )
-    bar = tqdm(total=args.max_train_steps, initial=step, disable=not accelerator.is_local_main_process)
+
     model.train()
-    micro_losses, window_tokens, window_start = [], 0, time.perf_counter()
-    tokens_per_micro_step = args.per_device_train_batch_size * args.tgt_len * accelerator.num_processes
+    micro_losses = []
     while step < args.max_train_steps:
         for batch in batches:
             if batches.new_epoch:
@@ -229,43 +263,30 @@ def training_function(args) -> dict:
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             micro_losses.append(out.loss.detach())
-            window_tokens += tokens_per_micro_step
+            progress.micro_step()
             if not accelerator.sync_gradients:
                 continue
+
             step += 1
             loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
             micro_losses = []
-            if not math.isfinite(loss):
-                raise UsageError(
-                    f"the training loss became {loss} at step {step}; stopping. The last good checkpoint (if any) "
-                    f"in {Path(args.output_dir) / CHECKPOINTS} is intact: lower --learning_rate or "
-                    "--max_grad_norm and resume from it."
-                )
-            lr, tokens_per_s = scheduler.get_last_lr()[0], window_tokens / max(time.perf_counter() - window_start, 1e-9)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-            if step % args.logging_steps == 0 or step == args.max_train_steps:
-                record({"loss": loss, "lr": lr, "tokens_per_s": tokens_per_s}, epoch=batches.epoch)
-                window_tokens, window_start = 0, time.perf_counter()
+            check_finite(loss, step, args)
+            progress.step(step, loss=loss, lr=scheduler.get_last_lr()[0], epoch=batches.epoch)
             if args.eval_steps and step % args.eval_steps == 0 and step < args.max_train_steps:
-                metrics = evaluate_stream(model, eval_ids, max_steps=args.max_eval_steps, **eval_kwargs)
-                record(metrics, prefix="eval_")
-                bar.write(f"step {step}: eval {headline(metrics, token_unit(tokenizer))}")
+                metrics = evaluate_stream(model, eval_ids, max_steps=args.max_eval_steps, **evaluation)
+                progress.evaluation(step, metrics, message=f"step {step}: eval {headline(metrics, unit)}")
             if isinstance(args.checkpointing_steps, int) and step % args.checkpointing_steps == 0:
-                save_checkpoint(step)
+                save_checkpoint(args, accelerator, step, mems=mems, batches=batches, config=config)
             if step >= args.max_train_steps:
                 break
         else:
             if args.checkpointing_steps == "epoch":
-                save_checkpoint(step)
-    bar.close()
+                save_checkpoint(args, accelerator, step, mems=mems, batches=batches, config=config)
+    progress.close()
 
-    metrics = evaluate_stream(model, eval_ids, progress=accelerator.is_local_main_process, **eval_kwargs)
-    record(metrics, prefix="eval_", final=True)
-    accelerator.print(
-        f"Validation (whole split, in order, mem_len={args.eval_mem_len}): {headline(metrics, token_unit(tokenizer))} "
-        f"({metrics['tokens']} tokens)."
-    )
+    metrics = evaluate_stream(model, eval_ids, progress=accelerator.is_local_main_process, **evaluation)
+    message = f"Validation (whole split, in order, mem_len={args.eval_mem_len}): {headline(metrics, unit)}"
+    progress.evaluation(step, metrics, message=f"{message} ({metrics['tokens']} tokens).", final=True)
     export(args, accelerator, model, tokenizer, metrics, step)
     if args.with_tracking:
         accelerator.end_training()

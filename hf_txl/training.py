@@ -316,6 +316,56 @@ class JsonLog:
                 f.write(json.dumps(record) + "\n")
 
 
+class TrainingProgress:
+    """A run's progress as people and tools see it: a progress bar (loss, learning rate, tokens/s), the
+    ``log.jsonl`` records (``JsonLog``) and, with ``tracking``, the Accelerate trackers.
+
+    Training records every ``logging_steps`` steps and at the last one: ``loss`` (mean over the step's micro-steps
+    and processes), ``lr``, ``tokens_per_s`` (all processes, since the previous record) and ``epoch``. Evaluation
+    records carry ``eval_<metric>``, the final one ``final: true``.
+    """
+
+    def __init__(self, accelerator, output_dir, *, total_steps, start_step, logging_steps, tokens_per_micro_step,
+                 tracking=False):  # fmt: skip
+        from tqdm.auto import tqdm
+
+        self.accelerator, self.tracking = accelerator, tracking
+        self.total_steps, self.logging_steps, self.tokens_per_micro_step = (
+            total_steps,
+            logging_steps,
+            tokens_per_micro_step,
+        )
+        self.log = JsonLog(Path(output_dir) / "log.jsonl", accelerator.is_main_process, from_step=start_step)
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not accelerator.is_local_main_process)
+        self.window_tokens, self.window_start = 0, time.perf_counter()
+
+    def micro_step(self) -> None:
+        self.window_tokens += self.tokens_per_micro_step
+
+    def step(self, step: int, *, loss: float, lr: float, epoch: int) -> None:
+        tokens_per_s = self.window_tokens / max(time.perf_counter() - self.window_start, 1e-9)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+        if step % self.logging_steps == 0 or step == self.total_steps:
+            self._record(step, {"loss": loss, "lr": lr, "tokens_per_s": tokens_per_s}, "", epoch=epoch)
+            self.window_tokens, self.window_start = 0, time.perf_counter()
+
+    def evaluation(self, step: int, metrics: dict, *, message: str, final: bool = False) -> None:
+        self._record(step, metrics, "eval_", **({"final": True} if final else {}))
+        if final:
+            self.accelerator.print(message)
+        elif self.accelerator.is_local_main_process:
+            self.bar.write(message)
+
+    def _record(self, step: int, metrics: dict, prefix: str, **extra) -> None:
+        self.log.write({"step": step, **extra, **{f"{prefix}{k}": v for k, v in metrics.items()}})
+        if self.tracking:
+            self.accelerator.log({f"{prefix or 'train_'}{k}": v for k, v in metrics.items()}, step=step)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 @contextlib.contextmanager
 def unsharded_class(model):
     """Give an FSDP2 model its own class back for a while (``FSDPTxlForCausalLM`` -> ``TxlForCausalLM``).
