@@ -11,7 +11,8 @@ Part ``threads``: training throughput of the default preset (``--max_train_steps
 * ``accelerate launch scripts/train.py``: no flags, no Accelerate config (a temporary ``HF_HOME`` hides any
   ``accelerate config`` file). On a CPU-only machine Accelerate sets ``OMP_NUM_THREADS=1``; hf_txl.train replaces
   that default with physical cores / local processes.
-* ``accelerate launch --cpu scripts/train.py``: Accelerate's own CPU thread choice.
+* ``accelerate launch --cpu --num_processes 1 scripts/train.py``: Accelerate's own CPU thread choice (physical
+  cores / processes; it makes it only when ``--num_processes`` is given, else it too passes one thread).
 * ``OMP_NUM_THREADS=1 accelerate launch scripts/train.py``: one thread, chosen explicitly (kept as chosen); this
   is what the plain command ran at before hf_txl chose the thread count.
 
@@ -70,7 +71,7 @@ def threads_line(log: str) -> str:
 def part_threads(args, home: str) -> None:
     variants = {
         "accelerate launch scripts/train.py": ([], {}),
-        "accelerate launch --cpu scripts/train.py": (["--cpu"], {}),
+        "accelerate launch --cpu --num_processes 1 scripts/train.py": (["--cpu", "--num_processes", "1"], {}),
         "OMP_NUM_THREADS=1 accelerate launch scripts/train.py": ([], {"OMP_NUM_THREADS": "1"}),
     }
     rates: dict[str, list[float]] = {name: [] for name in variants}
@@ -85,10 +86,10 @@ def part_threads(args, home: str) -> None:
                 said[name] = threads_line(log)
     base = statistics.median(rates["OMP_NUM_THREADS=1 accelerate launch scripts/train.py"])
     print(f"\nTraining throughput, default preset, median of {args.rounds} round(s) (tokens/s, steps > warm-up):")
-    print(f"{'launch':<56} {'tokens/s':>9} {'vs 1 thread':>11}  threads (as logged)")
+    print(f"{'launch':<60} {'tokens/s':>9} {'vs 1 thread':>11}  threads (as logged)")
     for name, values in rates.items():
         median = statistics.median(values)
-        print(f"{name:<56} {median:>9,.0f} {median / base:>10.2f}x  {said[name]}")
+        print(f"{name:<60} {median:>9,.0f} {median / base:>10.2f}x  {said[name]}")
 
 
 def part_main_job(args, home: str) -> None:
