@@ -30,8 +30,8 @@ What is kept from the original code (kimiyoung/transformer-xl, ``attn_type=0``):
       vocabularies; with them ``TxlForCausalLM.logits`` are log-probabilities;
     * post-norm by default, ReLU feed-forward, embeddings scaled by sqrt(d_model), no final LayerNorm.
 
-Deliberate additions: an ``attention_mask`` for padded batches whose padding is remembered by the memory, an SDPA
-attention function next to the eager reference (chosen by ``config._attn_implementation``), the memory as a
+Deliberate additions: an ``attention_mask`` for padded batches whose padding is remembered by the memory, SDPA and
+flex_attention functions next to the eager reference (chosen by ``config._attn_implementation``), the memory as a
 transformers ``Cache`` (``cache=``, alias ``mems=``), and a transformers-style ``loss`` / ``generate()``.
 
 Layout, small to big: positions, dropout, attention functions, attention module, feed-forward, layer, outputs,
@@ -193,7 +193,7 @@ class TxlDropout(nn.Dropout):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Attention functions: one eager reference, one SDPA implementation with the same signature
+# Attention functions: one eager reference; SDPA and flex_attention implementations with the same signature
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -249,14 +249,26 @@ def _shifted_view(padded: torch.Tensor) -> torch.Tensor:
     return _ShiftedView.apply(padded)
 
 
+def scaled_position_scores(query, position_head, v, scaling) -> torch.Tensor:
+    """BD * scale ``[B, H, T, K]``, column j for key j, computed without a shift copy: the position projection gets a
+    zero column in front (``[H, D, K+1]``), so the matmul itself writes the padded rows of :func:`rel_shift` and the
+    shift is a view. One query (a generation step) sits at distance ``K-1-j`` from key j: nothing to shift. The scale
+    is folded into the (small) position projection. Entries of future keys are the shift's garbage (masked later)."""
+    n_head, qlen, d_head = query.shape[1:]
+    klen = position_head.shape[0]
+    r_k = position_head.view(klen, n_head, d_head).permute(1, 2, 0)  # [H, D, K]
+    if qlen == 1:
+        return torch.matmul((query + v[:, None, :]) * scaling, r_k)  # [B, H, 1, K]
+    r_padded = F.pad(r_k * scaling, (1, 0))  # [H, D, K+1], column 0 zero
+    return _ShiftedView.apply(torch.matmul(query + v[:, None, :], r_padded))  # [B, H, T, K]
+
+
 def sdpa_rel_attention(module, query, key, value, position_head, allowed, *, u, v, scaling, dropout=0.0, **kwargs):
     """The maths of :func:`eager_rel_attention` with fewer passes over the ``[B, H, T, K]`` scores
     (``attn_implementation="sdpa"``, the default).
 
-    * BD needs no shift copy: the position projection gets a zero column in front (``[H, D, K+1]``), so the matmul
-      itself writes the padded rows of :func:`rel_shift` and the shift is a view. One query (a generation step) sits
-      at distance ``K-1-j`` from key j: nothing to shift.
-    * The scale 1/sqrt(D) is folded into the (small) position projection; the mask is applied once, to BD.
+    * BD needs no shift copy and carries the scale 1/sqrt(D) (:func:`scaled_position_scores`); the mask is applied
+      once, to BD.
     * Without gradients BD is the additive ``attn_mask`` of ``F.scaled_dot_product_attention`` (fused kernels). With
       them (SDPA cannot return a gradient for its mask) one ``baddbmm`` adds AC into BD, and dropout is
       :func:`fast_dropout`.
@@ -265,12 +277,7 @@ def sdpa_rel_attention(module, query, key, value, position_head, allowed, *, u, 
     """
     batch, n_head, qlen, d_head = query.shape
     klen = key.shape[2]
-    r_k = position_head.view(klen, n_head, d_head).permute(1, 2, 0)  # [H, D, K]
-    if qlen == 1:
-        position_scores = torch.matmul((query + v[:, None, :]) * scaling, r_k)  # BD * scale: [B, H, 1, K]
-    else:
-        r_padded = F.pad(r_k * scaling, (1, 0))  # [H, D, K+1], column 0 zero
-        position_scores = _ShiftedView.apply(torch.matmul(query + v[:, None, :], r_padded))  # BD * scale: [B, H, T, K]
+    position_scores = scaled_position_scores(query, position_head, v, scaling)  # BD * scale: [B, H, T, K]
     if allowed is not None:
         position_scores = position_scores.masked_fill(~allowed[:, None], torch.finfo(position_scores.dtype).min)
     needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or position_head.requires_grad)
@@ -288,12 +295,77 @@ def sdpa_rel_attention(module, query, key, value, position_head, allowed, *, u, 
     return out.view(batch, n_head, qlen, d_head).transpose(1, 2).contiguous(), None  # [B, T, H, D]
 
 
+FLEX_NO_BACKWARD_DEVICES = ("cpu", "mps")  # where torch's flex_attention refuses inputs that require gradients
+
+
+def flex_rel_attention(module, query, key, value, position_head, allowed, *, u, v, scaling, dropout=0.0, **kwargs):
+    """The maths of :func:`eager_rel_attention` through ``torch.nn.attention.flex_attention``
+    (``attn_implementation="flex_attention"``).
+
+    * AC is flex_attention's own query-key product, of ``q + u`` and ``k``, scaled by ``scale=scaling``.
+    * BD * scale is computed once (:func:`scaled_position_scores`, ``[B, H, T, K]``) and added by the ``score_mod``,
+      which reads ``bd[b, h, q_idx, kv_idx]``; autograd reaches it as a captured buffer.
+    * ``allowed`` (causal over [memory; segment], ``same_length``, padding of the memory and of the segment) becomes
+      the ``block_mask``, whose ``mask_mod`` reads ``allowed[b, q_idx, kv_idx]``; a compiled kernel skips the blocks
+      it hides. ``allowed=None`` (a generation step that sees every key) needs no mask.
+    * Attention dropout (``config.dropatt``) cannot be expressed (flex_attention never exposes the probabilities):
+      training with ``dropatt > 0`` raises a ``ValueError``.
+    * flex_attention has no backward on the CPU (nor MPS): when autograd needs gradients there (training, or a
+      forward outside ``torch.no_grad()``), this call computes :func:`eager_rel_attention` instead, with a one-time
+      warning. Under ``torch.no_grad()`` / ``inference_mode`` the CPU runs flex_attention.
+    * Outside ``torch.compile`` flex_attention traces ``score_mod`` / ``mask_mod`` with dynamo (its ``"eager"``
+      backend: no C++ compiler or Triton is needed) and runs an unfused implementation that materialises the
+      ``[B, H, T, K]`` scores: correct, not faster than eager. ``torch.compile`` the model for the fused kernel.
+
+    Same arguments and shapes as :func:`eager_rel_attention`; returns the output and None.
+    """
+    if dropout > 0.0 and module.training:
+        raise ValueError(
+            f"attn_implementation='flex_attention' cannot apply attention dropout (config.dropatt={dropout}): "
+            "flex_attention never exposes the attention probabilities. Train with dropatt=0.0, or with "
+            "attn_implementation='sdpa' or 'eager'."
+        )
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, position_head, u, v))
+    if needs_grad and query.device.type in FLEX_NO_BACKWARD_DEVICES:
+        from transformers.utils import logging
+
+        logging.get_logger(__name__).warning_once(
+            f"flex_attention has no backward pass on {query.device.type}: attention with gradients runs the eager "
+            "reference (same maths) instead. Use torch.no_grad() for inference, or a CUDA device to train with flex."
+        )
+        return eager_rel_attention(
+            module, query, key, value, position_head, allowed, u=u, v=v, scaling=scaling, dropout=dropout
+        )
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    batch, _, qlen, _ = query.shape
+    klen = key.shape[2]
+    position_scores = scaled_position_scores(query, position_head, v, scaling)  # BD * scale: [B, H, T, K]
+
+    def add_position_term(score, b, h, q_idx, kv_idx):
+        return score + position_scores[b, h, q_idx, kv_idx]
+
+    block_mask = None
+    if allowed is not None:
+        allowed_keys = allowed.expand(batch, qlen, klen)  # [B, T, K] (a view when allowed is [1, T, K])
+
+        def key_is_allowed(b, h, q_idx, kv_idx):
+            return allowed_keys[b, q_idx, kv_idx]
+
+        mask_batch = None if allowed.shape[0] == 1 else batch  # None: one mask for the whole batch
+        block_mask = create_block_mask(key_is_allowed, mask_batch, None, qlen, klen, device=query.device)
+    out = flex_attention(
+        query + u[:, None, :], key, value, score_mod=add_position_term, block_mask=block_mask, scale=scaling
+    )  # [B, H, T, D]
+    return out.transpose(1, 2).contiguous(), None  # [B, T, H, D]
+
+
 class TxlAttentionInterface(AttentionInterface):
     """The relative-attention functions, by ``config._attn_implementation`` (``"eager"`` is
     :func:`eager_rel_attention`). Their signature is not transformers' (they take the position term), so they live
     in this registry of their own: ``TxlAttentionInterface.register("name", fn)`` adds one."""
 
-    _global_mapping = {"sdpa": sdpa_rel_attention}
+    _global_mapping = {"sdpa": sdpa_rel_attention, "flex_attention": flex_rel_attention}
 
 
 TXL_ATTENTION_FUNCTIONS = TxlAttentionInterface()
@@ -483,13 +555,14 @@ class TxlPreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
+    _supports_flex_attn = True  # flex_rel_attention
     _no_split_modules = ["TxlLayer"]
     _can_record_outputs = {"hidden_states": TxlLayer, "attentions": TxlRelAttention}
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
-        # Attention reads `config._attn_implementation` at every call, so `set_attn_implementation("eager" |
-        # "sdpa")` takes effect at once (transformers guesses otherwise from the module source).
+        # Attention reads `config._attn_implementation` at every call, so `set_attn_implementation("eager" | "sdpa" |
+        # "flex_attention")` takes effect at once (transformers guesses otherwise from the module source).
         return True
 
     def _init_weights(self, module):

@@ -54,7 +54,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     model = p.add_argument_group("model")
     model.add_argument("--preset", default=DEFAULT_PRESET, help=f"One of {sorted(PRESETS)}.")
     model.add_argument("--config_overrides", help='TxlConfig fields, e.g. "n_layer=6,cutoffs=[2000,6000]".')
-    model.add_argument("--attn_implementation", choices=["sdpa", "eager"], default="sdpa")
+    model.add_argument("--attn_implementation", choices=["sdpa", "eager", "flex_attention"], default="sdpa")
     model.add_argument("--tgt_len", type=int, help="Tokens per training segment.")
     model.add_argument("--mem_len", type=int, help="Memory length during training.")
     model.add_argument("--clamp_len", type=int, help="Clamp relative distances (-1: off).")

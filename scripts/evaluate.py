@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     settings.add_argument("--batch_size", type=int, help="Contiguous streams evaluated side by side.")
     settings.add_argument("--max_eval_steps", type=int, default=0, help="Stop after N segments (0: the whole split).")
     p.add_argument("--tokenizer_name", help="Load the tokenizer from here (a model directory lacking one).")
-    p.add_argument("--attn_implementation", choices=["sdpa", "eager"])
+    p.add_argument("--attn_implementation", choices=["sdpa", "eager", "flex_attention"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output_file", help="JSON results (default: MODEL_DIR/evaluation.json, or ./evaluation.json).")
     p.add_argument("--update_card", action="store_true", help="Re-render MODEL_DIR/README.md with these results.")
