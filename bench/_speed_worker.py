@@ -13,6 +13,7 @@ import ctypes
 import gc
 import json
 import os
+import resource
 import statistics
 import sys
 import threading
@@ -105,6 +106,8 @@ def load(args):
         crit_forward = MODEL.crit.forward
 
         def crit_fp32(hidden, labels=None, keep_order=False):
+            if not torch.is_autocast_enabled("cpu"):  # e.g. a model converted to bf16 (to_dtype)
+                return crit_forward(hidden, labels, keep_order)
             with torch.autocast("cpu", enabled=False):
                 return crit_forward(hidden.float(), labels, keep_order)
 
@@ -117,7 +120,11 @@ def load(args):
 
         MODEL = AutoModelForCausalLM.from_pretrained(args["dir"], attn_implementation=args.get("attn", "sdpa"))
     STATE.clear()
-    return {"class": type(MODEL).__name__, "params": sum(p.numel() for p in MODEL.parameters())}
+    return {
+        "class": type(MODEL).__name__,
+        "params": sum(p.numel() for p in MODEL.parameters()),
+        "maxrss_mib": maxrss_mib(),
+    }
 
 
 def compile_model(args):
@@ -141,6 +148,19 @@ def set_memory(mem_len, same_length=None, clamp_len=None):
             MODEL.config.same_length = same_length
         if clamp_len is not None:
             MODEL.config.clamp_len = clamp_len
+
+
+def memory_settings():
+    """(mem_len, same_length, clamp_len) as they are now, for :func:`set_memory` to restore."""
+    if SIDE == "ref":
+        t = MODEL.transformer
+        return t.mem_len, t.same_length, t.clamp_len
+    c = MODEL.config
+    return c.mem_len, c.same_length, c.clamp_len
+
+
+def maxrss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def forward(ids, mems, labels=None):
@@ -209,8 +229,11 @@ def train(args):
 
 
 def evaluate(args):
-    """Evaluation segments with memory and the loss (inference mode on both sides); seconds per segment."""
-    set_memory(args["mem_len"])
+    """Evaluation segments with memory and the loss (inference mode on both sides); seconds per segment. Optional
+    ``same_length`` / ``clamp_len`` (the enwik8 evaluation setting), restored afterwards. ``maxrss_mib`` is the
+    process's RSS high-water so far (``ru_maxrss``: in a fresh worker, the load and this evaluation)."""
+    saved = memory_settings()
+    set_memory(args["mem_len"], args.get("same_length"), args.get("clamp_len"))
     MODEL.eval()
     batch, tgt_len, vocab = args["batch"], args["tgt_len"], MODEL.config.vocab_size
     gen = torch.Generator().manual_seed(1)
@@ -223,7 +246,8 @@ def evaluate(args):
             float(out.loss)
             if step >= args["warmup"]:
                 times.append(time.perf_counter() - t0)
-    return {"times": times, "peak_mib": mem.mib, "peak_abs_mib": mem.abs_mib}
+    set_memory(*saved)
+    return {"times": times, "peak_mib": mem.mib, "peak_abs_mib": mem.abs_mib, "maxrss_mib": maxrss_mib()}
 
 
 def generate(args):
@@ -234,6 +258,8 @@ def generate(args):
     prompt = torch.randint(1, MODEL.config.vocab_size, (1, args["prompt_len"]), generator=gen)
     n = args["new_tokens"]
     kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():  # warm-up (first-call costs of generate and of the kernels), not timed
+        MODEL.generate(prompt, **dict(kwargs, max_new_tokens=2, min_new_tokens=2))
     with PeakMemory() as mem, torch.inference_mode():
         t0 = time.perf_counter()
         out = MODEL.generate(prompt, **kwargs)
@@ -262,7 +288,8 @@ def recompute(args):
 
 def table9(args):
     """(txl) Per-token evaluation time at attention length L: a segment of L tokens with an L-token memory
-    (same_length: every query sees L keys) vs a window of L tokens recomputed for every token (one forward)."""
+    (same_length: every query sees L keys) vs a window of L tokens recomputed for every token (one forward, no
+    memory: ``legacy_zero_mems`` is off for it, or the window would also attend to ``mem_len`` = L zero vectors)."""
     L = args["attn_len"]
     MODEL.eval()
     gen = torch.Generator().manual_seed(4)
@@ -275,11 +302,159 @@ def table9(args):
             t0 = time.perf_counter()
             MODEL(input_ids=ids[:, L : 2 * L], mems=mems)
             xl.append((time.perf_counter() - t0) / L)
-            t0 = time.perf_counter()
-            MODEL(input_ids=ids[:, r : r + L], use_cache=False).logits[:, -1].argmax(-1)
-            window.append(time.perf_counter() - t0)
+            with legacy_zero_mems(False):
+                t0 = time.perf_counter()
+                MODEL(input_ids=ids[:, r : r + L], use_cache=False).logits[:, -1].argmax(-1)
+                window.append(time.perf_counter() - t0)
         set_memory(args["mem_len"], same_length=False)
     return {"xl": statistics.median(xl), "window": statistics.median(window), "peak_mib": mem.mib}
+
+
+def batch_prompts(batch, width, vocab):
+    """Left-padded prompts ``[batch, width]`` and their attention mask: row 0 is ``width`` tokens long, the others
+    between ``width // 4`` and ``width`` (each row drawn from its own seed, so that the first rows of a larger batch
+    are those of a smaller one). Also the prompts themselves, unpadded."""
+    ids = torch.zeros(batch, width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    prompts = []
+    for row in range(batch):
+        gen = torch.Generator().manual_seed(100 + row)
+        n = width if row == 0 else int(torch.randint(width // 4, width + 1, (1,), generator=gen))
+        prompt = torch.randint(1, vocab, (n,), generator=gen)
+        ids[row, width - n :], mask[row, width - n :] = prompt, 1
+        prompts.append(prompt)
+    return ids, mask, prompts
+
+
+@contextlib.contextmanager
+def legacy_zero_mems(flag):
+    """(txl) ``config.legacy_zero_mems`` set to ``flag`` (None: as it is) inside the block. The 4.x zero memory sits at
+    other distances from the tokens of rows padded differently, so a padded row computes exactly what its prompt
+    alone computes only without it."""
+    if SIDE == "ref" or flag is None:
+        yield
+        return
+    saved = MODEL.config.legacy_zero_mems
+    MODEL.config.legacy_zero_mems = flag
+    try:
+        yield
+    finally:
+        MODEL.config.legacy_zero_mems = saved
+
+
+ALONE = {}  # (width, new_tokens, mem_len) -> log-probabilities of the prompts generated alone (generate_alone)
+
+
+def _greedy(ids, n, mask=None):
+    """Greedy tokens ``[B, n]`` and the log-probabilities of every step ``[B, n, V]`` (float32)."""
+    kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    if mask is not None:
+        kwargs["attention_mask"] = mask
+    out = MODEL.generate(ids, return_dict_in_generate=True, output_scores=True, **kwargs)
+    assert out.sequences.shape == (ids.shape[0], ids.shape[1] + n), out.sequences.shape
+    return out.sequences[:, ids.shape[1] :], torch.stack(out.scores, 1).float().log_softmax(-1)
+
+
+def generate_batch(args):
+    """``generate()`` of ``new_tokens`` greedy tokens for a batch of left-padded prompts (:func:`batch_prompts`;
+    batch 1: row 0 alone, unpadded), with their ``attention_mask`` (not on the ref side: 4.35.2's ``generate`` rejects
+    one, its rows then attend to the padding as if it were text). Total seconds (the step scores are kept, [B, V] per
+    step, as ``output_scores`` does); after the timing, the largest difference of the rows' log-probabilities from
+    those of their prompts generated alone (:func:`generate_alone`, run first), over every step and token."""
+    set_memory(args["mem_len"])
+    MODEL.eval()
+    ids, mask, _ = batch_prompts(args["batch"], args["width"], MODEL.config.vocab_size)
+    use_mask = mask if args["mask"] and args["batch"] > 1 and SIDE != "ref" else None
+    n = args["new_tokens"]
+    with legacy_zero_mems(args.get("legacy_zero_mems")):
+        with torch.inference_mode():  # warm-up, not timed
+            _greedy(ids, 2, use_mask)
+        with PeakMemory() as mem, torch.inference_mode():
+            t0 = time.perf_counter()
+            tokens, logp = _greedy(ids, n, use_mask)
+            seconds = time.perf_counter() - t0
+    alone = ALONE.get((args["width"], n, args["mem_len"]))
+    diffs = []
+    if alone is not None:
+        for row in range(min(args["batch"], len(alone))):
+            a, b = logp[row], alone[row]
+            finite = a.isfinite() & b.isfinite()  # (min_new_tokens masks the end token: -inf on both)
+            diffs.append((a - b)[finite].abs().max().item() if bool((finite == (a.isfinite() | b.isfinite())).all())
+                         else float("inf"))  # fmt: skip
+    return {
+        "times": [seconds], "tokens": tokens.tolist(), "masked": use_mask is not None, "max_logp_diff": diffs,
+        "peak_mib": mem.mib, "peak_abs_mib": mem.abs_mib,
+    }  # fmt: skip
+
+
+def generate_alone(args):
+    """The first ``rows`` prompts of :func:`batch_prompts`, each generated alone (batch 1, unpadded, greedy): what the
+    rows of a correct batched generation equal (the memory covers prompt and new tokens). Their log-probabilities are
+    kept for :func:`generate_batch`."""
+    set_memory(args["mem_len"])
+    MODEL.eval()
+    _, _, prompts = batch_prompts(args["rows"], args["width"], MODEL.config.vocab_size)
+    with legacy_zero_mems(args.get("legacy_zero_mems")), torch.inference_mode():
+        runs = [_greedy(prompt[None], args["new_tokens"]) for prompt in prompts]
+    ALONE[(args["width"], args["new_tokens"], args["mem_len"])] = [logp[0] for _, logp in runs]
+    return {"tokens": [tokens[0].tolist() for tokens, _ in runs]}
+
+
+def to_dtype(args):
+    """Convert the model's weights (and so its memory and caches) to ``dtype``: ``model.to(torch.bfloat16)``."""
+    MODEL.to(getattr(torch, args["dtype"]))
+    STATE.clear()
+    return {"dtype": str(next(MODEL.parameters()).dtype)}
+
+
+def step_bytes(args):
+    """(txl) The bytes a batch-1 greedy step must read, taken from the model and from the cache ``generate()``
+    leaves (memory ``mem_len``, prompt ``prompt_len``): every parameter once at its dtype, except W_{k,R}
+    (``r_proj``: its product with R is cached), plus per layer the memory's projected keys/values for the step's
+    ``M + 1`` key positions (``kv`` ``[B, M, 2*H*D]`` and the new token's row) and the ``M + 1`` rows of the cached
+    position term ``r_head`` ``[K', H*D]`` that the step reads."""
+    set_memory(args["mem_len"])
+    MODEL.eval()
+    gen = torch.Generator().manual_seed(2)
+    prompt = torch.randint(1, MODEL.config.vocab_size, (1, args["prompt_len"]), generator=gen)
+    with torch.inference_mode():
+        out = MODEL.generate(prompt, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0,
+                             return_dict_in_generate=True)  # fmt: skip
+    cache = getattr(out, "cache", None) or out.past_key_values
+    params = {id(p): p for p in MODEL.parameters()}  # tied weights once
+    weights = sum(p.numel() * p.element_size() for p in params.values())
+    r_proj = sum(layer.attn.r_proj.weight.numel() * layer.attn.r_proj.weight.element_size()
+                 for layer in MODEL.transformer.layers)  # fmt: skip
+    kv = r_head = 0
+    shapes = []
+    for layer in cache.layers:
+        batch, mlen, width = layer.kv.shape
+        klen = mlen + 1
+        kv += batch * klen * width * layer.kv.element_size()
+        r_head += min(klen, layer.r_head.shape[0]) * layer.r_head.shape[1] * layer.r_head.element_size()
+        shapes.append(dict(kv=list(layer.kv.shape), r_head=list(layer.r_head.shape)))
+    weight_bytes = weights - r_proj
+    return {
+        "parameter_bytes": weights, "r_proj_bytes": r_proj, "weight_bytes": weight_bytes, "kv_bytes": kv,
+        "r_head_bytes": r_head, "total_bytes": weight_bytes + kv + r_head, "dtype": str(layer.kv.dtype),
+        "memory_positions": mlen, "shapes": shapes[0], "n_layer": len(shapes),
+    }  # fmt: skip
+
+
+def bandwidth(args):
+    """Memory bandwidth: ``dst.copy_(src)`` of an ``mib`` MiB float32 tensor, read + write bytes counted; best and
+    median bytes/s over ``repeats`` copies after one warm-up."""
+    n = args["mib"] * 2**20 // 4
+    src = torch.empty(n).uniform_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(args["repeats"]):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    moved = 2 * src.numel() * src.element_size()
+    return {"best": moved / min(times), "median": moved / statistics.median(times), "bytes": moved}
 
 
 def gemm(args):
@@ -379,7 +554,8 @@ def bare_step(args):
 
 COMMANDS = dict(build=build, load=load, compile=compile_model, logprobs=logprobs, train=train, evaluate=evaluate,
                 generate=generate, recompute=recompute, table9=table9, gemm=gemm,
-                weight_stream=weight_stream, bare_step=bare_step)  # fmt: skip
+                weight_stream=weight_stream, bare_step=bare_step, bandwidth=bandwidth, step_bytes=step_bytes,
+                to_dtype=to_dtype, generate_batch=generate_batch, generate_alone=generate_alone)  # fmt: skip
 
 
 def keep_freed_memory():

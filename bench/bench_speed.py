@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Speed of hf_txl against the last Hugging Face Transformer-XL (transformers 4.35.2), side by side.
 
-    .venv/bin/python bench/bench_speed.py            # full run (about 15 minutes on 2 cores)
+    .venv/bin/python bench/bench_speed.py            # full run (about 13 minutes on 2 quiet cores)
     .venv/bin/python bench/bench_speed.py --quick    # smoke run (under a minute once the reference venv exists)
 
 The reference runs in its own virtual environment, ``bench/.venv-ref`` (created on first use with
@@ -12,11 +12,21 @@ there with a fixed seed and saved as safetensors; hf_txl loads the same director
 once (printed as the sanity check). Each side then runs in its own long-lived process; every row alternates the two
 sides ``--reps`` times (the side that goes first alternates too) and reports medians and the ratio.
 
-Rows: training step (forward + backward + AdamW, fused, the same on both sides) tokens/s, fp32 and bf16 autocast;
-evaluation with memory tokens/s; generation (greedy, batch 1) against 4.35.2 ``generate`` and against hf_txl
-without memory (full recomputation); the paper's Table 9 method; achieved FLOP/s of the training step against a
-large GEMM measured in the same run; peak memory (RSS above the idle worker) of every row. Results go to
-``bench/results/speed.json`` and a markdown table is printed.
+The machine header: CPU model and the instruction-set flags that matter (AVX-512, AVX512-BF16, AMX: without the
+last two bf16 products are emulated, and the bf16 rows say so or are skipped), a large GEMM in fp32 and bf16, and
+the memory bandwidth (copy rate of a 512 MiB tensor, read + write bytes, best and median of 10).
+
+Rows (sections, ``--sections``): ``train``: training step (forward + backward + AdamW, fused, the same on both
+sides) tokens/s, fp32 and bf16 autocast, and evaluation with memory tokens/s, small and mid configs, with the
+achieved FLOP/s of the training step against the GEMM; ``curve``: the bf16-vs-fp32 training loss curve;
+``generate``: greedy batch-1 generation against 4.35.2 ``generate`` and against hf_txl without memory (full
+recomputation), the floors of a step (its matrix-vector products alone; the bytes it must read over the measured
+bandwidth, with the cap that floor puts on the ratio to 4.35.2), the step as bare tensor ops, and the same
+generation with bf16 weights and caches (native bf16 only) with its own floor; ``batched``: tokens/s at batch 1, 8
+and 32 with left-padded prompts and whether each row computes what its prompt alone does; ``table9``: the paper's
+Table 9 method at attention lengths 256 to 3,800; ``long``: evaluation with the enwik8 evaluation memory (tgt_len 80,
+mem_len 2,100) tokens/s and the RSS high-water of a fresh process. Peak memory (RSS above the idle worker) of every
+row. Results go to ``bench/results/speed.json`` and a markdown table is printed.
 """
 
 from __future__ import annotations
@@ -127,6 +137,10 @@ class QuietGuard:
         self.hz = os.sysconf("SC_CLK_TCK")
         self.worst, self.retries, self.waited = 0.0, 0, 0.0
 
+    def track(self, workers):
+        """Count the processes of ``workers`` (started after the guard) as the benchmark's own."""
+        self.pids += [w.proc.pid for w in workers.values()]
+
     def other_cores(self, seconds=1.0):
         a = _cpu_snapshot(self.pids)
         time.sleep(seconds)
@@ -176,6 +190,32 @@ def side_by_side(workers, cmd, reps, **args):
     }  # fmt: skip
 
 
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+SHOWN_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+               "amx_bf16", "amx_int8")  # fmt: skip
+
+
+def cpu_info() -> dict:
+    """The CPU's model name, the instruction-set flags that matter for these kernels, and whether bf16 products
+    are native (AVX512-BF16 or AMX-BF16; otherwise oneDNN emulates them in fp32, slower than fp32 itself)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    shown = [flag for flag in SHOWN_FLAGS if flag in flags]
+    native = [flag for flag in BF16_FLAGS if flag in flags]
+    return dict(model=model, flags=shown, native_bf16=bool(native), bf16_flags=native,
+                torch_capability=torch.backends.cpu.get_cpu_capability())  # fmt: skip
+
+
 def train_flops(c: dict) -> float:
     """Matrix-multiply FLOPs of one hf_txl training step (forward + backward), memory full."""
     B, T, M, d, H, D, F, V, L = (c["batch"], c["tgt_len"], c["mem_len"], c["d_model"], c["n_head"], c["d_head"],
@@ -188,12 +228,21 @@ def train_flops(c: dict) -> float:
     return L * (3 * both + 2 * weight_only) + 3 * head
 
 
+SECTIONS = ("train", "curve", "generate", "batched", "table9", "long")
+NAN = float("nan")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="Small sizes and few repetitions (a smoke run).")
     p.add_argument("--ref-python", help="Python of an existing transformers 4.35.2 environment.")
     p.add_argument("--reps", type=int, help="Alternations per row (default 5, quick 2).")
     p.add_argument("--out", default=str(RESULTS / "speed.json"))
+    p.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"Comma-separated sections to run (default all: {','.join(SECTIONS)}); the machine header always runs.",
+    )
     p.add_argument(
         "--compile",
         action="store_true",
@@ -215,8 +264,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.compile and args.out == str(RESULTS / "speed.json"):
         args.out = str(RESULTS / "speed_compile.json")
+    sections = set(args.sections.split(","))
+    if sections - set(SECTIONS):
+        p.error(f"unknown sections {sorted(sections - set(SECTIONS))}; choose from {','.join(SECTIONS)}")
+    if args.compile:
+        sections = {"train"}
     quick = args.quick
     reps = args.reps or (2 if quick else 5)
+    gen_reps = 1 if quick else max(1, reps // 2)
     steps = dict(warmup=1, steps=2) if quick else dict(warmup=2, steps=5)
     ref_python = ensure_ref_python(args.ref_python)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -227,18 +282,24 @@ def main(argv=None):
     GUARD = QuietGuard(workers, limit=float("inf") if quick else args.max_other_cores, max_wait=args.max_wait)
     GUARD.wait()
     threads = workers["txl"].hello["threads"]
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {threads}"
+    cpu = cpu_info()
+    machine = f"{cpu['model']}, {os.cpu_count()} CPUs, torch threads {threads}"
     kept = {side: w.hello["keep_freed_memory"] for side, w in workers.items()}
     machine += f", allocator keeps freed memory: {kept}"
     load = os.getloadavg()
     print(f"machine: {machine}; load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
+    bf16_state = (f"native ({', '.join(cpu['bf16_flags'])})" if cpu["native_bf16"]
+                  else "EMULATED (no AVX512-BF16 or AMX-BF16): bf16 figures are not results")  # fmt: skip
+    print(f"CPU flags: {' '.join(cpu['flags']) or '(none of interest)'}; torch CPU capability "
+          f"{cpu['torch_capability']}; bf16 matrix products {bf16_state}", flush=True)  # fmt: skip
     started = time.time()
-    rows, results = [], {"machine": machine, "load_start": load, "quick": quick, "reps": reps}
+    rows, results = [], {"machine": machine, "cpu": cpu, "load_start": load, "quick": quick, "reps": reps}
+    bf16_note = "" if cpu["native_bf16"] else "bf16 emulated on this CPU: not a result"
 
     def row(name, ref, txl, unit, peak_ref, peak_txl, note=""):
-        ratio = (ref / txl if unit == "ms/tok" else txl / ref) if ref and txl else float("nan")  # hf_txl's speed-up
+        ratio = (ref / txl if unit == "ms/tok" else txl / ref) if ref and txl else NAN  # hf_txl's speed-up
         rows.append((name, ref, txl, unit, ratio, peak_ref, peak_txl, note))
-        print(f"  {name}: ref {ref:,.1f} {unit}, hf_txl {txl:,.1f} {unit}, x{ratio:.2f}  {note}", flush=True)
+        print(f"  {name}: ref {ref:,.2f} {unit}, hf_txl {txl:,.2f} {unit}, x{ratio:.2f}  {note}", flush=True)
 
     configs = {"small": CONFIGS["small"]} if quick else CONFIGS
     peak = {}
@@ -247,12 +308,19 @@ def main(argv=None):
         peak[dtype] = GUARD.call(workers["txl"], "gemm", n=n, dtype=dtype, repeats=3 if quick else 5)["flops"]
         print(f"GEMM {n}x{n} {dtype}: {peak[dtype] / 1e9:.0f} GFLOP/s", flush=True)
     results["gemm_flops"] = peak
+    bw = GUARD.call(workers["txl"], "bandwidth", mib=128 if quick else 512, repeats=3 if quick else 10)
+    results["bandwidth"] = bw
+    bw["mib"] = 128 if quick else 512
+    print(f"memory bandwidth, copy of a {bw['mib']} MiB tensor (read + write bytes): best {bw['best'] / 1e9:.1f} "
+          f"GB/s, median {bw['median'] / 1e9:.1f} GB/s", flush=True)  # fmt: skip
 
-    for name, c in configs.items():
+    for name, c in configs.items():  # models, sanity check, training and evaluation rows
         model_dir = RESULTS / "models" / name
         fields = {k: v for k, v in c.items() if k not in ("batch", "tgt_len")}
         if not (model_dir / "model.safetensors").exists():
             workers["ref"]("build", config=fields, seed=1234, dir=str(model_dir))
+        if "train" not in sections:
+            continue
         for side in workers:
             workers[side]("load", dir=str(model_dir), repo=str(ROOT))
         # Sanity: the same weights give the same log-probabilities (two segments, memory carried).
@@ -276,12 +344,12 @@ def main(argv=None):
             continue
         for precision in ("fp32", "bf16"):
             autocast = "bf16" if precision == "bf16" else None
+            note = bf16_note if precision == "bf16" else ""
             r = side_by_side(workers, "train", reps, autocast=autocast, **common)
             results[f"{name}_train_{precision}"] = r
             tps = {s: tokens / r[s]["seconds"] for s in r}
-            row(
-                f"train {name} {precision}", tps["ref"], tps["txl"], "tok/s", r["ref"]["peak_mib"], r["txl"]["peak_mib"]
-            )
+            row(f"train {name} {precision}", tps["ref"], tps["txl"], "tok/s", r["ref"]["peak_mib"],
+                r["txl"]["peak_mib"], note)  # fmt: skip
             if precision == "fp32":
                 flops = train_flops(c)
                 for s in ("ref", "txl"):
@@ -297,13 +365,43 @@ def main(argv=None):
             results[f"{name}_eval_{precision}"] = r
             tps = {s: tokens / r[s]["seconds"] for s in r}
             peaks = r["ref"]["peak_mib"], r["txl"]["peak_mib"]
-            row(f"eval {name} {precision}", tps["ref"], tps["txl"], "tok/s", *peaks)
+            row(f"eval {name} {precision}", tps["ref"], tps["txl"], "tok/s", *peaks, note)
 
     if args.compile:
         finish(args, workers, results, rows, peak, started)
         return
 
-    # bf16 autocast loss curve against fp32: hf_txl, small config, Tiny Shakespeare characters, same init and data.
+    if "curve" in sections:
+        bf16_loss_curve(workers, results, quick)
+
+    # Generation: the mid model (small in quick mode), memory covering the prompt.
+    gen_name = "small" if quick else "mid"
+    gen_dir = str(RESULTS / "models" / gen_name)
+    for side in workers:
+        workers[side]("load", dir=gen_dir, repo=str(ROOT))
+    if "generate" in sections:
+        generation_rows(workers, results, row, rows, gen_name, gen_dir, gen_reps, quick, cpu, bf16_state)
+    if "batched" in sections:
+        batched_rows(workers, results, row, gen_name, gen_reps, quick)
+    if "table9" in sections:
+        # Table 9: per-token evaluation time, segment + memory vs sliding window, hf_txl only.
+        for L in (64, 128) if quick else (256, 512, 800, 3800):
+            t9_args = dict(attn_len=L, repeats=2 if quick else 3, mem_len=CONFIGS[gen_name]["mem_len"])
+            t9 = GUARD.call(workers["txl"], "table9", **t9_args)
+            results[f"table9_{L}"] = t9
+            rows.append((f"Table 9 {gen_name}, attention length {L} (ms/token)", 1000 * t9["window"], 1000 * t9["xl"],
+                         "ms/tok", t9["window"] / t9["xl"], NAN, t9["peak_mib"],
+                         "ref column: sliding window of L tokens, one forward per token"))  # fmt: skip
+            print(f"  Table 9 L={L}: window {1000 * t9['window']:.2f} ms/token, segment+memory "
+                  f"{1000 * t9['xl']:.3f} ms/token, x{t9['window'] / t9['xl']:.0f}", flush=True)  # fmt: skip
+    if "long" in sections:
+        long_eval_row(workers, results, row, gen_name, gen_dir, ref_python, keep, reps, quick)
+
+    finish(args, workers, results, rows, peak, started)
+
+
+def bf16_loss_curve(workers, results, quick):
+    """bf16 autocast loss curve against fp32: hf_txl, small config, Tiny Shakespeare characters, same init and data."""
     c = CONFIGS["small"]
     text = (ROOT / "hf_txl" / "data" / "tiny_shakespeare.txt").read_text()
     vocab = {ch: i + 1 for i, ch in enumerate(sorted(set(text)))}
@@ -334,13 +432,28 @@ def main(argv=None):
           f"{smooth['fp32'][-1]:.3f} vs {smooth['bf16'][-1]:.3f}, max gap of the {window}-step mean {gap:.3f} nats",
           flush=True)  # fmt: skip
 
-    # Generation: the mid model (small in quick mode), memory covering the prompt.
-    gen_name = "small" if quick else "mid"
-    for side in workers:
-        workers[side]("load", dir=str(RESULTS / "models" / gen_name), repo=str(ROOT))
+
+def step_floor(workers, results, key, prompt_len):
+    """The bytes a batch-1 greedy step reads (from the model and its cache, ``step_bytes``) over the measured
+    memory bandwidth (best copy rate): the step's floor in ms."""
+    sb = workers["txl"]("step_bytes", prompt_len=prompt_len, mem_len=prompt_len)
+    floor_ms = 1000 * sb["total_bytes"] / results["bandwidth"]["best"]
+    results[key] = dict(sb, ms_per_token=floor_ms, bandwidth=results["bandwidth"]["best"])
+    return sb, floor_ms
+
+
+def floor_note(sb, bandwidth):
+    cache = (sb["kv_bytes"] + sb["r_head_bytes"]) / 2**20
+    return (f"{sb['weight_bytes'] / 2**20:.1f} MiB of weights ({sb['dtype'].replace('torch.', '')}, all parameters but "
+            f"r_proj) + {cache:.1f} MiB of memory keys/values and position terms ({sb['n_layer']} layers x "
+            f"{sb['memory_positions'] + 1} positions) per token at {bandwidth / 1e9:.1f} GB/s")  # fmt: skip
+
+
+def generation_rows(workers, results, row, rows, gen_name, gen_dir, gen_reps, quick, cpu, bf16_state):
+    """Batch-1 greedy generation against 4.35.2 and against recomputation, its floors, the bare step, and bf16."""
     prompt_len, new_tokens = (64, 64) if quick else (512, 512)
     g = dict(prompt_len=prompt_len, new_tokens=new_tokens, mem_len=prompt_len)
-    r = side_by_side(workers, "generate", max(1, reps // 2) if not quick else 1, **g)
+    r = side_by_side(workers, "generate", gen_reps, **g)
     results["generate"] = r
     same = r["ref"]["last"]["tokens"] == r["txl"]["last"]["tokens"]
     ms = {s: 1000 * r[s]["seconds"] / new_tokens for s in r}
@@ -363,35 +476,122 @@ def main(argv=None):
     floor_ms = 1000 * floor["seconds"]
     results["generate_floor"] = dict(floor, ms_per_token=floor_ms, best_speedup_vs_ref=ms["ref"] / floor_ms)
     rows.append(("generation floor: the step's matrix-vector products alone (ms/token)", ms["txl"], floor_ms,
-                 "ms/tok", ms["txl"] / floor_ms, float("nan"), float("nan"),
+                 "ms/tok", ms["txl"] / floor_ms, NAN, NAN,
                  f"ref column: hf_txl's step; {floor['weight_bytes'] / 2**20:.0f} MiB of weights per token, "
                  f"{floor['weight_bytes'] / floor['seconds'] / 1e9:.0f} GB/s; at this floor 4.35.2 / floor = "
                  f"{ms['ref'] / floor_ms:.1f}x"))  # fmt: skip
     print(f"  generation floor {floor_ms:.2f} ms/token (4.35.2 / floor = {ms['ref'] / floor_ms:.1f}x)", flush=True)
+    # The machine's floor: every byte the step must read (weights and the memory's cached projections) / bandwidth.
+    bandwidth = results["bandwidth"]["best"]
+    sb, mfloor = step_floor(workers, results, "generate_machine_floor", prompt_len)
+    cap = ms["ref"] / mfloor
+    results["generate_machine_floor"]["cap_on_ratio_vs_ref"] = cap
+    rows.append(("generation floor: bytes a step must read / memory bandwidth (ms/token)", ms["txl"], mfloor,
+                 "ms/tok", ms["txl"] / mfloor, NAN, NAN,
+                 f"ref column: hf_txl's step = {ms['txl'] / mfloor:.2f}x this floor; {floor_note(sb, bandwidth)}; "
+                 f"hf_txl vs 4.35.2 {ms['ref'] / ms['txl']:.2f}x, cap the floor puts on it (4.35.2 / floor) "
+                 f"{cap:.1f}x"))  # fmt: skip
+    print(f"  machine floor {mfloor:.2f} ms/token ({sb['total_bytes'] / 2**20:.1f} MiB at {bandwidth / 1e9:.1f} "
+          f"GB/s): hf_txl {ms['txl'] / mfloor:.2f}x the floor; vs 4.35.2 {ms['ref'] / ms['txl']:.2f}x of a cap of "
+          f"{cap:.1f}x", flush=True)  # fmt: skip
     # The same step's maths with bare tensor operations: what is left when modules, memory object and loop are gone.
     bare = GUARD.call(workers["txl"], "bare_step", mem_len=prompt_len, repeats=50 if quick else 200, compile=not quick)
     for kind in ("eager", "compiled"):
         if kind in bare:
             bare_ms = 1000 * bare[kind]
             rows.append((f"generation: the step's maths with bare tensor ops, {kind} (ms/token)", ms["txl"], bare_ms,
-                         "ms/tok", ms["txl"] / bare_ms, float("nan"), float("nan"),
+                         "ms/tok", ms["txl"] / bare_ms, NAN, NAN,
                          f"ref column: hf_txl's generate; 4.35.2 / this = {ms['ref'] / bare_ms:.1f}x"))  # fmt: skip
             print(
                 f"  bare step, {kind}: {bare_ms:.2f} ms/token (4.35.2 / this = {ms['ref'] / bare_ms:.1f}x)", flush=True
             )
     results["generate_bare_step"] = bare
 
-    # Table 9: per-token evaluation time, segment + memory vs sliding window, hf_txl only.
-    for L in (64, 128) if quick else (256, 512, 800):
-        t9_args = dict(attn_len=L, repeats=2 if quick else 3, mem_len=CONFIGS[gen_name]["mem_len"])
-        t9 = GUARD.call(workers["txl"], "table9", **t9_args)
-        results[f"table9_{L}"] = t9
-        rows.append((f"Table 9, attention length {L} (ms/token)", 1000 * t9["window"], 1000 * t9["xl"], "ms/tok",
-                     t9["window"] / t9["xl"], float("nan"), t9["peak_mib"], "ref column: sliding window"))  # fmt: skip
-        print(f"  Table 9 L={L}: window {1000 * t9['window']:.2f} ms/token, segment+memory {1000 * t9['xl']:.3f} "
-              f"ms/token, x{t9['window'] / t9['xl']:.0f}", flush=True)  # fmt: skip
+    # bf16 weights and caches (model.to(torch.bfloat16)), through generate(): only where bf16 is native.
+    name16 = f"generate {gen_name} bf16 weights and caches, {new_tokens} after {prompt_len} (ms/token)"
+    if not cpu["native_bf16"]:
+        results["generate_bf16"] = f"skipped: bf16 matrix products {bf16_state}"
+        rows.append((name16, NAN, NAN, "ms/tok", NAN, NAN, NAN, "skipped: no AVX512-BF16/AMX-BF16, bf16 emulated"))
+        print(f"  {name16}: skipped (bf16 emulated on this CPU)", flush=True)
+        return
+    for side in workers:
+        workers[side]("to_dtype", dtype="bfloat16")
+    r16 = side_by_side(workers, "generate", gen_reps, **g)
+    results["generate_bf16"] = r16
+    ms16 = {s: 1000 * r16[s]["seconds"] / new_tokens for s in r16}
+    note = f"time bf16 / fp32: hf_txl {ms16['txl'] / ms['txl']:.2f}, 4.35.2 {ms16['ref'] / ms['ref']:.2f}"
+    row(name16, ms16["ref"], ms16["txl"], "ms/tok", r16["ref"]["peak_mib"], r16["txl"]["peak_mib"], note)
+    sb16, floor16 = step_floor(workers, results, "generate_bf16_machine_floor", prompt_len)
+    cap16 = ms16["ref"] / floor16
+    results["generate_bf16_machine_floor"]["cap_on_ratio_vs_ref"] = cap16
+    rows.append(("generation floor bf16: bytes a step must read / memory bandwidth (ms/token)", ms16["txl"], floor16,
+                 "ms/tok", ms16["txl"] / floor16, NAN, NAN,
+                 f"ref column: hf_txl's bf16 step = {ms16['txl'] / floor16:.2f}x this floor; "
+                 f"{floor_note(sb16, bandwidth)}; hf_txl vs 4.35.2 bf16 {ms16['ref'] / ms16['txl']:.2f}x, cap "
+                 f"{cap16:.1f}x"))  # fmt: skip
+    print(f"  bf16 machine floor {floor16:.2f} ms/token: hf_txl bf16 {ms16['txl'] / floor16:.2f}x the floor; "
+          f"cap on the ratio to 4.35.2 bf16 {cap16:.1f}x", flush=True)  # fmt: skip
+    for side in workers:  # back to the fp32 weights
+        workers[side]("load", dir=gen_dir, repo=str(ROOT))
 
-    finish(args, workers, results, rows, peak, started)
+
+def batched_rows(workers, results, row, gen_name, gen_reps, quick):
+    """Greedy generation of left-padded prompts of different lengths at batch 1 (row 0 alone), 8 and 32: tokens/s,
+    ratio to batch 1, and whether each row computes what its prompt alone computes (4.35.2 rejects
+    ``attention_mask``)."""
+    width, new_tokens = (32, 16) if quick else (128, 64)
+    # The memory covers prompt and new tokens; hf_txl without the 4.x zero memory (see _speed_worker.legacy_zero_mems)
+    b = dict(width=width, new_tokens=new_tokens, mem_len=width + new_tokens, legacy_zero_mems=False)
+    check_rows = 4 if quick else 8
+    alone = {side: GUARD.call(workers[side], "generate_alone", rows=check_rows, **b)["tokens"] for side in workers}
+    results["generate_alone_tokens"] = alone
+    base = None
+    for batch in (1, 8, 32):
+        r = side_by_side(workers, "generate_batch", gen_reps, batch=batch, mask=True, **b)
+        results[f"generate_batch_{batch}"] = r
+        tps = {s: batch * new_tokens / r[s]["seconds"] for s in r}
+        base = base or tps
+        diff = {s: max(r[s]["last"]["max_logp_diff"], default=NAN) for s in r}
+        if batch == 1:
+            note = f"the prompt of row 0 alone ({width} tokens, unpadded)"
+            name = f"generate {gen_name} batch 1, {width}-token prompt, {new_tokens} new (tokens/s)"
+        else:
+            checked = min(batch, check_rows)
+            note = (
+                f"vs batch 1: hf_txl {tps['txl'] / base['txl']:.1f}x, 4.35.2 {tps['ref'] / base['ref']:.1f}x; largest "
+                f"difference of log p, batched row vs its prompt alone, over the first {checked} rows: hf_txl "
+                f"{diff['txl']:.1e}, 4.35.2 {diff['ref']:.1e} (4.35.2 rejects attention_mask and reads the padding "
+                "as text: its output is incorrect)"
+            )
+            name = (f"generate {gen_name} batch {batch}, left-padded prompts {width // 4}-{width}, {new_tokens} new "
+                    "(tokens/s)")  # fmt: skip
+        row(name, tps["ref"], tps["txl"], "tok/s", r["ref"]["peak_mib"], r["txl"]["peak_mib"], note)
+
+
+def long_eval_row(workers, results, row, gen_name, gen_dir, ref_python, keep, reps, quick):
+    """Evaluation with a long memory (enwik8's evaluation setting: tgt_len 80, mem_len 2,100, clamp_len 820,
+    same_length), batch 1, in a fresh worker per side: tokens/s and the process's RSS high-water (ru_maxrss)."""
+    tgt_len, mem_len, clamp_len = (80, 160, 64) if quick else (80, 2100, 820)
+    fresh = {"ref": Worker("ref", ref_python, keep), "txl": Worker("txl", sys.executable, keep)}
+    GUARD.track(fresh)
+    loaded = {side: w("load", dir=gen_dir, repo=str(ROOT)) for side, w in fresh.items()}
+    warmup = -(-mem_len // tgt_len) + 1  # the memory full before the timed segments
+    e = dict(batch=1, tgt_len=tgt_len, mem_len=mem_len, clamp_len=clamp_len, same_length=True, warmup=warmup,
+             steps=2 if quick else 8)  # fmt: skip
+    r = side_by_side(fresh, "evaluate", 1 if quick else max(1, reps // 2 + 1), **e)
+    for w in fresh.values():
+        w.close()
+    results["eval_long_memory"] = dict(
+        r, settings=e, load_maxrss_mib={s: v.get("maxrss_mib") for s, v in loaded.items()}
+    )
+    tps = {s: tgt_len / r[s]["seconds"] for s in r}
+    rss = {s: r[s]["last"]["maxrss_mib"] for s in r}
+    row(f"eval {gen_name}, mem_len {mem_len:,}, tgt_len {tgt_len}, clamp_len {clamp_len}, same_length, batch 1",
+        tps["ref"], tps["txl"], "tok/s", rss["ref"], rss["txl"],
+        f"fresh worker per side; peak columns: RSS high-water of that process (ru_maxrss: interpreter, model, "
+        f"evaluation; after the load alone: 4.35.2 {loaded['ref']['maxrss_mib']:.0f}, hf_txl "
+        f"{loaded['txl']['maxrss_mib']:.0f} MiB); above the idle process during the evaluation: 4.35.2 "
+        f"{r['ref']['peak_mib']:.0f}, hf_txl {r['txl']['peak_mib']:.0f} MiB")  # fmt: skip
 
 
 def finish(args, workers, results, rows, peak, started):
@@ -410,11 +610,18 @@ def finish(args, workers, results, rows, peak, started):
         f"other processes: at most {GUARD.worst:.2f} cores during a kept timing; {GUARD.retries} timings repeated "
         f"for contention; {GUARD.waited:.0f} s waited for a quiet machine"
     )
-    print(f"\nGEMM peak: fp32 {peak['float32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bfloat16'] / 1e9:.0f} GFLOP/s\n")
+    cpu, bw = results["cpu"], results["bandwidth"]
+    print(f"\nmachine: {results['machine']}")
+    print(f"CPU flags: {' '.join(cpu['flags'])}; bf16 {'native' if cpu['native_bf16'] else 'emulated'}")
+    print(f"GEMM peak: fp32 {peak['float32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bfloat16'] / 1e9:.0f} GFLOP/s; memory "
+          f"bandwidth (copy of {bw['mib']} MiB, read + write): best {bw['best'] / 1e9:.1f} GB/s, median "
+          f"{bw['median'] / 1e9:.1f} GB/s\n")  # fmt: skip
     print("| row | 4.35.2 (or baseline) | hf_txl | unit | hf_txl speed-up | peak MiB ref | peak MiB hf_txl | note |")
     print("|---|---:|---:|---|---:|---:|---:|---|")
     for name, ref, txl, unit, ratio, pr, pt, note in rows:
-        print(f"| {name} | {ref:,.2f} | {txl:,.2f} | {unit} | {ratio:.2f}x | {pr:.0f} | {pt:.0f} | {note} |")
+        cells = [f"{ref:,.2f}", f"{txl:,.2f}", unit, f"{ratio:.2f}x", f"{pr:.0f}", f"{pt:.0f}"]
+        cells = ["" if cell.startswith("nan") else cell for cell in cells]
+        print(f"| {name} | {' | '.join(cells)} | {note} |")
 
 
 if __name__ == "__main__":
