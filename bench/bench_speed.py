@@ -210,9 +210,11 @@ def cpu_info() -> dict:
                     break
     except OSError:
         pass
+    from hf_txl.training import cpu_has_native_bf16  # the check the training script warns with
+
     shown = [flag for flag in SHOWN_FLAGS if flag in flags]
     native = [flag for flag in BF16_FLAGS if flag in flags]
-    return dict(model=model, flags=shown, native_bf16=bool(native), bf16_flags=native,
+    return dict(model=model, flags=shown, native_bf16=bool(cpu_has_native_bf16()), bf16_flags=native,
                 torch_capability=torch.backends.cpu.get_cpu_capability())  # fmt: skip
 
 
@@ -433,13 +435,24 @@ def bf16_loss_curve(workers, results, quick):
           flush=True)  # fmt: skip
 
 
-def step_floor(workers, results, key, prompt_len):
-    """The bytes a batch-1 greedy step reads (from the model and its cache, ``step_bytes``) over the measured
-    memory bandwidth (best copy rate): the step's floor in ms."""
+def machine_floor_row(workers, results, rows, *, key, label, step_ms, ref_ms, prompt_len):
+    """Append the row "hf_txl's step against the bytes it must read / bandwidth" (``label``: which step) and return
+    the floor in ms; ``step_ms`` / ``ref_ms``: hf_txl's and 4.35.2's measured step. The bytes come from the model
+    and its cache (worker ``step_bytes``), the bandwidth is the best measured copy rate."""
+    bandwidth = results["bandwidth"]["best"]
     sb = workers["txl"]("step_bytes", prompt_len=prompt_len, mem_len=prompt_len)
-    floor_ms = 1000 * sb["total_bytes"] / results["bandwidth"]["best"]
-    results[key] = dict(sb, ms_per_token=floor_ms, bandwidth=results["bandwidth"]["best"])
-    return sb, floor_ms
+    floor_ms = 1000 * sb["total_bytes"] / bandwidth
+    cap = ref_ms / floor_ms
+    results[key] = dict(sb, ms_per_token=floor_ms, bandwidth=bandwidth, cap_on_ratio_vs_ref=cap)
+    rows.append((f"generation floor{label}: bytes a step must read / memory bandwidth (ms/token)", step_ms, floor_ms,
+                 "ms/tok", step_ms / floor_ms, NAN, NAN,
+                 f"ref column: hf_txl's{label} step = {step_ms / floor_ms:.2f}x this floor; "
+                 f"{floor_note(sb, bandwidth)}; hf_txl vs 4.35.2{label} {ref_ms / step_ms:.2f}x, cap the floor puts "
+                 f"on it (4.35.2 / floor) {cap:.1f}x"))  # fmt: skip
+    print(f"  machine floor{label} {floor_ms:.2f} ms/token ({sb['total_bytes'] / 2**20:.1f} MiB at "
+          f"{bandwidth / 1e9:.1f} GB/s): hf_txl {step_ms / floor_ms:.2f}x the floor; vs 4.35.2 "
+          f"{ref_ms / step_ms:.2f}x of a cap of {cap:.1f}x", flush=True)  # fmt: skip
+    return floor_ms
 
 
 def floor_note(sb, bandwidth):
@@ -482,18 +495,8 @@ def generation_rows(workers, results, row, rows, gen_name, gen_dir, gen_reps, qu
                  f"{ms['ref'] / floor_ms:.1f}x"))  # fmt: skip
     print(f"  generation floor {floor_ms:.2f} ms/token (4.35.2 / floor = {ms['ref'] / floor_ms:.1f}x)", flush=True)
     # The machine's floor: every byte the step must read (weights and the memory's cached projections) / bandwidth.
-    bandwidth = results["bandwidth"]["best"]
-    sb, mfloor = step_floor(workers, results, "generate_machine_floor", prompt_len)
-    cap = ms["ref"] / mfloor
-    results["generate_machine_floor"]["cap_on_ratio_vs_ref"] = cap
-    rows.append(("generation floor: bytes a step must read / memory bandwidth (ms/token)", ms["txl"], mfloor,
-                 "ms/tok", ms["txl"] / mfloor, NAN, NAN,
-                 f"ref column: hf_txl's step = {ms['txl'] / mfloor:.2f}x this floor; {floor_note(sb, bandwidth)}; "
-                 f"hf_txl vs 4.35.2 {ms['ref'] / ms['txl']:.2f}x, cap the floor puts on it (4.35.2 / floor) "
-                 f"{cap:.1f}x"))  # fmt: skip
-    print(f"  machine floor {mfloor:.2f} ms/token ({sb['total_bytes'] / 2**20:.1f} MiB at {bandwidth / 1e9:.1f} "
-          f"GB/s): hf_txl {ms['txl'] / mfloor:.2f}x the floor; vs 4.35.2 {ms['ref'] / ms['txl']:.2f}x of a cap of "
-          f"{cap:.1f}x", flush=True)  # fmt: skip
+    machine_floor_row(workers, results, rows, key="generate_machine_floor", label="", step_ms=ms["txl"],
+                      ref_ms=ms["ref"], prompt_len=prompt_len)  # fmt: skip
     # The same step's maths with bare tensor operations: what is left when modules, memory object and loop are gone.
     bare = GUARD.call(workers["txl"], "bare_step", mem_len=prompt_len, repeats=50 if quick else 200, compile=not quick)
     for kind in ("eager", "compiled"):
@@ -521,16 +524,8 @@ def generation_rows(workers, results, row, rows, gen_name, gen_dir, gen_reps, qu
     ms16 = {s: 1000 * r16[s]["seconds"] / new_tokens for s in r16}
     note = f"time bf16 / fp32: hf_txl {ms16['txl'] / ms['txl']:.2f}, 4.35.2 {ms16['ref'] / ms['ref']:.2f}"
     row(name16, ms16["ref"], ms16["txl"], "ms/tok", r16["ref"]["peak_mib"], r16["txl"]["peak_mib"], note)
-    sb16, floor16 = step_floor(workers, results, "generate_bf16_machine_floor", prompt_len)
-    cap16 = ms16["ref"] / floor16
-    results["generate_bf16_machine_floor"]["cap_on_ratio_vs_ref"] = cap16
-    rows.append(("generation floor bf16: bytes a step must read / memory bandwidth (ms/token)", ms16["txl"], floor16,
-                 "ms/tok", ms16["txl"] / floor16, NAN, NAN,
-                 f"ref column: hf_txl's bf16 step = {ms16['txl'] / floor16:.2f}x this floor; "
-                 f"{floor_note(sb16, bandwidth)}; hf_txl vs 4.35.2 bf16 {ms16['ref'] / ms16['txl']:.2f}x, cap "
-                 f"{cap16:.1f}x"))  # fmt: skip
-    print(f"  bf16 machine floor {floor16:.2f} ms/token: hf_txl bf16 {ms16['txl'] / floor16:.2f}x the floor; "
-          f"cap on the ratio to 4.35.2 bf16 {cap16:.1f}x", flush=True)  # fmt: skip
+    machine_floor_row(workers, results, rows, key="generate_bf16_machine_floor", label=" bf16", step_ms=ms16["txl"],
+                      ref_ms=ms16["ref"], prompt_len=prompt_len)  # fmt: skip
     for side in workers:  # back to the fp32 weights
         workers[side]("load", dir=gen_dir, repo=str(ROOT))
 

@@ -30,6 +30,27 @@ def tiny_config(**overrides) -> TxlConfig:
     return TxlConfig(**values)
 
 
+def eager_and_fast(implementation: str, **overrides):
+    """Two models with the same weights from ``tiny_config(**overrides)``: the eager reference and
+    ``attn_implementation=implementation`` (the fast path under test)."""
+    import copy
+
+    from hf_txl import TxlForCausalLM
+
+    config = tiny_config(**overrides)
+    eager = TxlForCausalLM._from_config(copy.deepcopy(config), attn_implementation="eager")
+    fast = TxlForCausalLM._from_config(copy.deepcopy(config), attn_implementation=implementation)
+    fast.load_state_dict(eager.state_dict())
+    return eager, fast
+
+
+def left_padding(batch: int, length: int, pad: int) -> torch.Tensor:
+    """An attention mask [batch, length] of ones, with the first ``pad`` positions of row 0 padding."""
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, :pad] = 0
+    return mask
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -7,12 +7,10 @@ torch's flex_attention has no backward on the CPU: there, attention that needs g
 independent) unfused reference implementation to differentiate.
 """
 
-import copy
-
 import pytest
 import torch
 import torch.nn.attention.flex_attention as torch_flex
-from conftest import tiny_config
+from conftest import eager_and_fast, left_padding, tiny_config
 
 import hf_txl.modeling_txl as modeling
 from hf_txl import TxlForCausalLM
@@ -54,17 +52,7 @@ def flex_backward_on_cpu(monkeypatch):
 
 def pair(**overrides):
     """The same weights with the eager reference and with flex_attention."""
-    config = tiny_config(**overrides)
-    eager = TxlForCausalLM._from_config(copy.deepcopy(config), attn_implementation="eager")
-    flex = TxlForCausalLM._from_config(copy.deepcopy(config), attn_implementation="flex_attention")
-    flex.load_state_dict(eager.state_dict())
-    return eager, flex
-
-
-def left_padding(batch, length, pad):
-    mask = torch.ones(batch, length, dtype=torch.long)
-    mask[0, :pad] = 0
-    return mask
+    return eager_and_fast("flex_attention", **overrides)
 
 
 def segments(model, ids, mask, length):

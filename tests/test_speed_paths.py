@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
+from conftest import eager_and_fast, left_padding, tiny_config
 
 from hf_txl import TxlCache, TxlForCausalLM
 from hf_txl.modeling_txl import (
@@ -36,19 +36,7 @@ CASES = [  # (pre_lnorm, same_length, clamp_len, untie_r, padded)
 
 def pair(**overrides):
     """The same weights with the eager reference and with the fast path."""
-    config = tiny_config(**overrides)
-    eager = TxlForCausalLM(copy.deepcopy(config))
-    eager.set_attn_implementation("eager")
-    fast = TxlForCausalLM(copy.deepcopy(config))
-    fast.set_attn_implementation("sdpa")
-    fast.load_state_dict(eager.state_dict())
-    return eager, fast
-
-
-def left_padding(batch, length, pad):
-    mask = torch.ones(batch, length, dtype=torch.long)
-    mask[0, :pad] = 0
-    return mask
+    return eager_and_fast("sdpa", **overrides)
 
 
 def no_cache(model):
