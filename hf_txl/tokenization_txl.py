@@ -55,7 +55,17 @@ class UnknownCharacterWarning(UserWarning):
     """Emitted when encoding maps characters outside the vocabulary to the unknown token."""
 
 
-class TxlCharTokenizer(TokenizersBackend):
+class _TxlTokenizersBackend(TokenizersBackend):
+    """Saved as a tokenizer built into transformers, so that ``AutoTokenizer`` loads it without hf_txl."""
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> tuple[str, ...]:
+        """Save ``tokenizer.json`` + ``tokenizer_config.json``, naming a class built into transformers."""
+        files = super().save_pretrained(save_directory, *args, **kwargs)
+        _name_builtin_class(files)
+        return files
+
+
+class TxlCharTokenizer(_TxlTokenizersBackend):
     """Character-level (or byte-level) tokenizer; build it with :meth:`from_corpus` or :meth:`byte_level`.
 
     Special tokens come first in the vocabulary for the character level (``<unk>``, ``<pad>``, then ``<eos>``
@@ -169,14 +179,8 @@ class TxlCharTokenizer(TokenizersBackend):
                 )
         return output
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> tuple[str, ...]:
-        """Save ``tokenizer.json`` + ``tokenizer_config.json``, naming a class built into transformers."""
-        files = super().save_pretrained(save_directory, *args, **kwargs)
-        _name_builtin_class(files)
-        return files
 
-
-class TxlWordTokenizer(TokenizersBackend):
+class TxlWordTokenizer(_TxlTokenizersBackend):
     """Word-level tokenizer for pre-tokenized corpora (WikiText-103); build it with :meth:`from_corpus`.
 
     A text is split on whitespace into words (``WhitespaceSplit``), and every newline becomes the line-end word
@@ -250,12 +254,6 @@ class TxlWordTokenizer(TokenizersBackend):
     def line_end_token_id(self) -> int:
         """The id of the line-end word ``<eos>`` (2 unless the vocabulary was built with other special tokens)."""
         return self.convert_tokens_to_ids(self.init_kwargs.get("line_end_word", "<eos>"))
-
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> tuple[str, ...]:
-        """Save ``tokenizer.json`` + ``tokenizer_config.json``, naming a class built into transformers."""
-        files = super().save_pretrained(save_directory, *args, **kwargs)
-        _name_builtin_class(files)
-        return files
 
 
 def build_tokenizer(

@@ -38,6 +38,7 @@ from .training import (
     enable_fsdp_on_cpu,
     evaluate_stream,
     export_model_dir,
+    headline,
     keep_freed_memory_in_process,
     make_optimizer,
 )
@@ -110,12 +111,6 @@ def distribution(accelerator) -> str:
     if accelerator.distributed_type == DistributedType.FSDP:
         return f"FSDP{accelerator.state.fsdp_plugin.fsdp_version}"
     return accelerator.distributed_type.value
-
-
-def headline(metrics: dict, unit: str) -> str:
-    """Bits per character for character / byte models, perplexity per word for word models."""
-    figure = f"perplexity {metrics['perplexity']:.2f} per word" if unit == "word" else f"bpc {metrics['bpc']:.4f}"
-    return f"loss {metrics['loss']:.4f} nats/token, {figure}"
 
 
 # ----------------------------------------------------------------------------------------------------

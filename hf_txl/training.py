@@ -100,6 +100,17 @@ def lm_metrics(nll_sum: float, num_tokens: int) -> dict[str, float]:
     return {name: figures[name] for name in ("loss", "bpc", "perplexity")}
 
 
+def headline(metrics: dict, unit: str) -> str:
+    """The figure a model is judged by, for a log line: bits per character (per byte) for character (byte) models,
+    perplexity per word (per token) otherwise. ``metrics`` holds ``loss``, ``bpc``, ``perplexity``; ``unit`` is
+    :func:`hf_txl.tokenization_txl.token_unit` of the model's tokenizer."""
+    if unit in ("char", "byte"):
+        bits = "bits/byte" if unit == "byte" else "bpc"
+        return f"loss {metrics['loss']:.4f} nats/{unit}, {bits} {metrics['bpc']:.4f}"
+    per = "word" if unit == "word" else "token"
+    return f"perplexity {metrics['perplexity']:.2f} per {per}, loss {metrics['loss']:.4f}"
+
+
 @contextlib.contextmanager
 def memory_settings(config, *, mem_len=None, clamp_len=None, same_length=None):
     """Temporarily change the memory-related config fields (evaluation may use a longer memory)."""

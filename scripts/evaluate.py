@@ -31,7 +31,7 @@ from hf_txl.data import load_corpus, tokenize_to_array
 from hf_txl.hub import is_local, load_model_and_tokenizer
 from hf_txl.model_card import EVALUATION_FILE, write_model_card
 from hf_txl.tokenization_txl import token_unit
-from hf_txl.training import evaluate_stream, keep_freed_memory_in_process
+from hf_txl.training import evaluate_stream, headline, keep_freed_memory_in_process
 
 #: The figure each token unit is judged by (bits per character/byte, or perplexity).
 HEADLINE_METRIC = {"char": "bpc", "byte": "bpc", "word": "perplexity", "token": "perplexity"}
@@ -184,13 +184,6 @@ def split_tokens(args: argparse.Namespace, tokenizer, data_kwargs: dict):
         return tokenize_to_array(split, tokenizer, text_column=data_kwargs["text_column"])
     except (OSError, ValueError, ConnectionError) as error:
         fail(f"could not load the evaluation data ({error}).")
-
-
-def headline(row: dict, unit: str) -> str:
-    """Bits per character (byte) for character (byte) models, perplexity per word (token) otherwise."""
-    if unit in ("char", "byte"):
-        return f"loss {row['loss']:.4f} nats/{unit}, {unit_bits(unit)} {row['bpc']:.4f}"
-    return f"perplexity {row['perplexity']:.2f} per {'word' if unit == 'word' else 'token'}, loss {row['loss']:.4f}"
 
 
 def unit_bits(unit: str) -> str:
