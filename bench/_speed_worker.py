@@ -411,8 +411,8 @@ def step_bytes(args):
     """(txl) The bytes a batch-1 greedy step must read, taken from the model and from the cache ``generate()``
     leaves (memory ``mem_len``, prompt ``prompt_len``): every parameter once at its dtype, except W_{k,R}
     (``r_proj``: its product with R is cached), plus per layer the memory's projected keys/values for the step's
-    ``M + 1`` key positions (``kv`` ``[B, M, 2*H*D]`` and the new token's row) and the ``M + 1`` rows of the cached
-    position term ``r_head`` ``[K', H*D]`` that the step reads."""
+    ``M + 1`` key positions (``kv`` ``[2, B, H, M, D]`` and the new token's) and the ``M + 1`` positions of the
+    cached position term ``r_head`` ``[H, K', D]`` that the step reads."""
     set_memory(args["mem_len"])
     MODEL.eval()
     gen = torch.Generator().manual_seed(2)
@@ -428,10 +428,10 @@ def step_bytes(args):
     kv = r_head = 0
     shapes = []
     for layer in cache.layers:
-        batch, mlen, width = layer.kv.shape
+        two, batch, n_head, mlen, d_head = layer.kv.shape
         klen = mlen + 1
-        kv += batch * klen * width * layer.kv.element_size()
-        r_head += min(klen, layer.r_head.shape[0]) * layer.r_head.shape[1] * layer.r_head.element_size()
+        kv += two * batch * n_head * klen * d_head * layer.kv.element_size()
+        r_head += n_head * min(klen, layer.r_head.shape[1]) * d_head * layer.r_head.element_size()
         shapes.append(dict(kv=list(layer.kv.shape), r_head=list(layer.r_head.shape)))
     weight_bytes = weights - r_proj
     return {

@@ -44,8 +44,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 class MemoryStore:
     """Preallocated inference storage: per layer, hidden states ``[B, C, d_model]`` and projected keys/values
-    ``[B, C, 2*H*D]`` for ``C`` (capacity) positions, and which positions are real tokens (``real`` ``[B, C]``, None
-    while none is padding).
+    ``[2, B, H, C, D]`` (keys then values, head-major: one head's positions are contiguous, so a generation step's
+    attention streams them) for ``C`` (capacity) positions, and which positions are real tokens (``real`` ``[B, C]``,
+    None while none is padding).
 
     A segment whose memory is ``[end - M, end)`` writes its T positions at ``[end, end + T)``, attends to the
     contiguous view ``[end - M, end + T)`` and leaves the memory ``[end + T - mem_len, end + T)``: views, no copy.
@@ -65,9 +66,11 @@ class MemoryStore:
         self.protected = 0
 
     @classmethod
-    def empty(cls, n_layer, batch, capacity, d_model, kv_width, dtype, kv_dtype, device) -> MemoryStore:
+    def empty(cls, n_layer, batch, capacity, d_model, heads, dtype, kv_dtype, device) -> MemoryStore:
+        """``heads``: (H, D)."""
         hidden = [torch.empty(batch, capacity, d_model, dtype=dtype, device=device) for _ in range(n_layer)]
-        kv = [torch.empty(batch, capacity, kv_width, dtype=kv_dtype, device=device) for _ in range(n_layer)]
+        n_head, d_head = heads
+        kv = [torch.empty(2, batch, n_head, capacity, d_head, dtype=kv_dtype, device=device) for _ in range(n_layer)]
         return cls(hidden, kv)
 
     def write_padding(self, start: int, key_is_real: torch.Tensor | None) -> None:
@@ -82,8 +85,8 @@ class MemoryStore:
 
 class TxlMemoryLayer(CacheLayerMixin):
     """One layer's memory: ``hidden`` ``[B, M, d_model]`` (None while empty) and, during inference, ``kv``
-    ``[B, M, 2*H*D]`` (its projected keys and values) and ``r_head`` ``[K', H*D]`` (``W_{k,R} R`` for distances
-    ``K'-1 .. 0``; any shorter key length reads its last rows)."""
+    ``[2, B, H, M, D]`` (its projected keys, then values) and ``r_head`` ``[H, K', D]`` (``W_{k,R} R`` for distances
+    ``K'-1 .. 0``, head-major; any shorter key length reads its last positions)."""
 
     is_croppable = True
 
@@ -205,12 +208,13 @@ class TxlCache(Cache):
 
     @property
     def kv(self) -> tuple[torch.Tensor, ...] | None:
-        """Per layer, the memory's projected keys and values ``[B, M, 2*H*D]`` (inference only), else None."""
+        """Per layer, the memory's projected keys and values ``[2, B, H, M, D]`` (inference only), else None."""
         kv = [layer.kv for layer in self.layers]
         return None if not kv or any(k is None for k in kv) else tuple(kv)
 
     @property
     def r_head(self) -> tuple[torch.Tensor, ...] | None:
+        """Per layer, the projected position terms ``[H, K', D]`` for distances ``K'-1 .. 0`` (inference only)."""
         heads = [layer.r_head for layer in self.layers]
         return None if not heads or any(h is None for h in heads) else tuple(heads)
 
@@ -353,10 +357,10 @@ class TxlCache(Cache):
     # --- what the model calls, once per segment and once per layer ----------------------------------------------
 
     def begin_segment(self, qlen: int, key_is_real: torch.Tensor | None, *, mem_len: int, cache_key: tuple | None,
-                      like: torch.Tensor, kv_width: int, kv_dtype: torch.dtype) -> None:  # fmt: skip
+                      like: torch.Tensor, heads: tuple[int, int], kv_dtype: torch.dtype) -> None:  # fmt: skip
         """Prepare to process ``qlen`` new tokens. ``key_is_real`` ``[B, M + T]`` (or None) is the padding over
         [memory; segment]. ``cache_key`` (None in training) enables the inference caches: the memory's keys/values
-        are then reused from the store, and the segment is written after them in place."""
+        are then reused from the store, and the segment is written after them in place. ``heads``: (H, D)."""
         mlen = self.mem_len
         self.mem_len_limit = mem_len
         self._step = {"qlen": qlen, "key_is_real": key_is_real, "store": cache_key is not None}
@@ -368,26 +372,29 @@ class TxlCache(Cache):
             for layer in self.layers:
                 layer.kv, layer.r_head = None, None
         if not (fresh and self._appendable(qlen)):
-            self._copy_into_new_store(max(mlen, mem_len) + max(qlen, -(-mem_len // 4)), like, kv_width, kv_dtype)
+            self._copy_into_new_store(max(mlen, mem_len) + max(qlen, -(-mem_len // 4)), like, heads, kv_dtype)
         self._step["start"] = self.store_end - mlen
         self._step["kv_ready"] = self.kv is not None
         self.store.version += 1  # from now on only this memory may write after itself
         self.store_version = self.store.version
         self.store.write_padding(self._step["start"], key_is_real)
 
-    def update(self, key_value_states: torch.Tensor, layer_idx: int,
-               project_memory: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:  # fmt: skip
-        """Inference only (a segment begun with a ``cache_key``): keys and values over [memory; segment]
-        ``[B, M + T, 2*H*D]`` for layer ``layer_idx``, given the segment's own ``key_value_states`` ``[B, T, 2*H*D]``;
-        ``project_memory(memory)`` projects the memory's when they are not cached yet. The result is a view of the
-        store, where the segment's are written in place."""
+    def update(
+        self, key_value_states: torch.Tensor, layer_idx: int, project_memory: Callable[[torch.Tensor], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference only (a segment begun with a ``cache_key``): keys and values over [memory; segment], each
+        ``[B, H, M + T, D]``, for layer ``layer_idx``, given the segment's own ``key_value_states`` ``[B, T, 2*H*D]``
+        (keys then values, as the projection writes them); ``project_memory(memory)`` projects the memory's
+        ``[B, M, 2*H*D]`` when they are not cached yet. The results are views of the store, where the segment's are
+        written in place."""
         layer, step = self.layers[layer_idx], self._step
         start, end = step["start"], self.store_end
-        buffer = self.store.kv[layer_idx][:, start : end + step["qlen"]]  # [B, M + T, 2*H*D]
+        store = self.store.kv[layer_idx]  # [2, B, H, C, D]
+        buffer = store[:, :, :, start : end + step["qlen"]]  # [2, B, H, M + T, D]
         if end > start and not step["kv_ready"]:
-            buffer[:, : end - start].copy_(project_memory(layer.hidden))
-        buffer[:, end - start :].copy_(key_value_states)
-        return buffer
+            buffer[:, :, :, : end - start].copy_(heads_first(project_memory(layer.hidden), store.shape))
+        buffer[:, :, :, end - start :].copy_(heads_first(key_value_states, store.shape))
+        return buffer[0], buffer[1]
 
     def position_length(self, klen: int) -> int:
         """How many rows of R (distances ``n-1 .. 0``) the model must build for :meth:`position_head`: ``klen``
@@ -395,17 +402,18 @@ class TxlCache(Cache):
         if self._step is None or not self._step["store"]:
             return klen
         heads = self.r_head
-        if heads is not None and heads[0].shape[0] >= klen:
+        if heads is not None and heads[0].shape[1] >= klen:
             return 0
         return max(klen, self.mem_len_limit + self._step["qlen"])
 
     def position_head(self, layer_idx: int, klen: int, project: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """Inference only: ``W_{k,R} R`` for distances ``klen-1 .. 0`` ``[K, H*D]``; ``project()`` computes it from
-        the R the model built (:meth:`position_length` rows). It is kept, and sliced by the next calls."""
+        """Inference only: ``W_{k,R} R`` for distances ``klen-1 .. 0``, ``[H, K, D]``; ``project()`` computes it
+        ``[H, K', D]`` from the R the model built (:meth:`position_length` rows). It is kept head-major
+        (contiguous), and sliced by the next calls."""
         layer = self.layers[layer_idx]
-        if layer.r_head is None or layer.r_head.shape[0] < klen:
-            layer.r_head = project()
-        return layer.r_head[-klen:]
+        if layer.r_head is None or layer.r_head.shape[1] < klen:
+            layer.r_head = project().contiguous()
+        return layer.r_head[:, -klen:]
 
     def end_segment(self, layer_inputs: Sequence[torch.Tensor]) -> None:
         """Make the memory the last ``mem_len`` positions of ``[memory; layer input]`` of every layer, detached."""
@@ -438,13 +446,13 @@ class TxlCache(Cache):
             and self.store_end + qlen <= store.capacity
         )
 
-    def _copy_into_new_store(self, capacity, like, kv_width, kv_dtype) -> None:
+    def _copy_into_new_store(self, capacity, like, heads, kv_dtype) -> None:
         """Move the memory (with its cached keys/values when there are, and with every earlier position of the store
         when recording the past) to the start of a new store."""
         mlen, batch, d_model = self.mem_len, like.shape[0], like.shape[-1]
         keep = self.store_end if self.record_past and self.store is not None else mlen  # positions to move
         capacity = capacity + (keep - mlen) + (keep if self.record_past else 0)
-        store = MemoryStore.empty(len(self), batch, capacity, d_model, kv_width, like.dtype, kv_dtype, like.device)
+        store = MemoryStore.empty(len(self), batch, capacity, d_model, heads, like.dtype, kv_dtype, like.device)
         keep_kv = self.kv is not None
         old, begin = self.store, self.store_end - keep
         for index, layer in enumerate(self.layers):
@@ -452,8 +460,8 @@ class TxlCache(Cache):
                 source = layer.hidden if keep == mlen else old.hidden[index][:, begin : self.store_end]
                 store.hidden[index][:, :keep].copy_(source)
                 if keep_kv:
-                    source = layer.kv if keep == mlen else old.kv[index][:, begin : self.store_end]
-                    store.kv[index][:, :keep].copy_(source)
+                    source = layer.kv if keep == mlen else old.kv[index][:, :, :, begin : self.store_end]
+                    store.kv[index][:, :, :, :keep].copy_(source)
         padding = self.padding_mask if keep == mlen or old.real is None else old.real[:, begin : self.store_end]
         store.write_padding(0, padding)
         self.store, self.store_end, self.store_version = store, keep, store.version
@@ -463,7 +471,7 @@ class TxlCache(Cache):
         """Make the memory the store positions ``[start, end)``."""
         for index, layer in enumerate(self.layers):
             layer.hidden = self.store.hidden[index][:, start:end]
-            layer.kv = self.store.kv[index][:, start:end] if keep_kv else None
+            layer.kv = self.store.kv[index][:, :, :, start:end] if keep_kv else None
             layer.is_initialized = True
         real = self.store.real
         self.padding_mask = None if real is None else real[:, start:end]
@@ -478,10 +486,17 @@ class TxlCache(Cache):
             return
         for layer in self.layers:
             layer.hidden = fn(layer.hidden)
-            layer.kv = None if layer.kv is None else fn(layer.kv)
+            layer.kv = None if layer.kv is None else fn(layer.kv.transpose(0, 1)).transpose(0, 1)  # batch is dim 1
         if self.padding_mask is not None:
             self.padding_mask = fn(self.padding_mask)
         self._drop_store()
+
+
+def heads_first(key_value: torch.Tensor, store_shape: torch.Size) -> torch.Tensor:
+    """Keys and values as projected, ``[B, T, 2*H*D]``, as the store's layout ``[2, B, H, T, D]`` (a view)."""
+    _, _, n_head, _, d_head = store_shape
+    batch, length, _ = key_value.shape
+    return key_value.view(batch, length, 2, n_head, d_head).permute(2, 0, 3, 1, 4)
 
 
 # ----------------------------------------------------------------------------------------------------

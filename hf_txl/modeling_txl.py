@@ -193,6 +193,54 @@ class TxlDropout(nn.Dropout):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Projections of a few rows (generation steps)
+# ----------------------------------------------------------------------------------------------------
+
+FEW_ROWS = 64  # up to this many input rows (batch x tokens), inference on the CPU takes the split-weight product
+
+
+def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``; on the CPU in float32 without gradients, inputs of at most ``FEW_ROWS`` rows (a generation step)
+    take :func:`split_weight_linear`, the same product at up to 3x the weight-read rate of ``F.linear``
+    (``bench/bench_gemv.py``). Anything else (autocast, gradients, hooks, subclasses such as quantized or adapter
+    layers, other devices and dtypes, tracing) calls the layer itself."""
+    weight = layer.weight
+    if (
+        x.device.type != "cpu"
+        or x.dtype != torch.float32
+        or weight.dtype != torch.float32
+        or type(layer) is not nn.Linear
+        or type(weight.data) is not torch.Tensor  # e.g. a DTensor (FSDP)
+        or x.numel() > FEW_ROWS * x.shape[-1]
+        or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        or layer._forward_hooks
+        or layer._forward_pre_hooks
+        or torch.is_autocast_enabled("cpu")
+        or torch.compiler.is_compiling()
+    ):
+        return layer(x)
+    return split_weight_linear(x, weight, layer.bias)
+
+
+def split_weight_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for a few rows as one batched product over P blocks of the weight's output rows
+    (a view, no copy): ``[P, out/P, in] @ [P, in, rows]``. torch's CPU ``bmm`` streams the weight at close to the
+    memory bandwidth here, where ``F.linear``'s one-row kernel reads it at a third of it. x ``[..., in]``."""
+    out_features, in_features = weight.shape
+    blocks = next((p for p in (8, 4, 2) if out_features % p == 0), 1)
+    rows = x.numel() // in_features
+    inputs = x.reshape(rows, in_features).t()[None].expand(blocks, in_features, rows)  # [P, in, rows]
+    weight_blocks = weight.view(blocks, out_features // blocks, in_features)  # [P, out/P, in]
+    if bias is None:
+        out = torch.bmm(weight_blocks, inputs)
+    else:
+        out = torch.baddbmm(bias.view(blocks, -1, 1), weight_blocks, inputs)  # [P, out/P, rows]
+    out = out.view(out_features, rows)
+    out = out.view(rows, out_features) if rows == 1 else out.t().contiguous()  # [rows, out]
+    return out.view(*x.shape[:-1], out_features)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Attention functions: one eager reference; SDPA and flex_attention implementations with the same signature
 # ----------------------------------------------------------------------------------------------------
 
@@ -207,12 +255,11 @@ def eager_rel_attention(module, query, key, value, position_head, allowed, *, u,
     scaled by 1/sqrt(D), softmax over the allowed keys, then a weighted sum of the values. BD is computed for every
     relative distance with one matmul and realigned to keys by :func:`rel_shift`.
 
-    query ``[B, H, T, D]``, key and value ``[B, H, K, D]``, position_head ``[K, H*D]`` (W_{k,R} R for distances
+    query ``[B, H, T, D]``, key and value ``[B, H, K, D]``, position_head ``[H, K, D]`` (W_{k,R} R for distances
     K-1 .. 0), allowed ``[B|1, T, K]`` bool (None: every key), u and v ``[H, D]``. Returns the output ``[B, T, H, D]``
     and the probabilities ``[B, H, T, K]``.
     """
-    n_head, d_head, klen = query.shape[1], query.shape[3], key.shape[2]
-    r_k = position_head.view(klen, n_head, d_head).permute(1, 2, 0)  # [H, D, K]
+    r_k = position_head.transpose(1, 2)  # [H, D, K]
     content_scores = torch.matmul(query + u[:, None, :], key.transpose(-1, -2))  # AC: [B, H, T, K]
     position_scores = rel_shift(torch.matmul(query + v[:, None, :], r_k))  # BD: [B, H, T, K], column j is key j
     scores = (content_scores + position_scores) * scaling
@@ -252,13 +299,15 @@ def _shifted_view(padded: torch.Tensor) -> torch.Tensor:
 def scaled_position_scores(query, position_head, v, scaling) -> torch.Tensor:
     """BD * scale ``[B, H, T, K]``, column j for key j, computed without a shift copy: the position projection gets a
     zero column in front (``[H, D, K+1]``), so the matmul itself writes the padded rows of :func:`rel_shift` and the
-    shift is a view. One query (a generation step) sits at distance ``K-1-j`` from key j: nothing to shift. The scale
-    is folded into the (small) position projection. Entries of future keys are the shift's garbage (masked later)."""
-    n_head, qlen, d_head = query.shape[1:]
-    klen = position_head.shape[0]
-    r_k = position_head.view(klen, n_head, d_head).permute(1, 2, 0)  # [H, D, K]
+    shift is a view. One query (a generation step) sits at distance ``K-1-j`` from key j: nothing to shift, and the
+    product runs position-major (``[H, K, D] @ [H, D, B]``, which streams the cached head-major position term at
+    close to the memory bandwidth). The scale is folded into the smaller operand. Entries of future keys are the
+    shift's garbage (masked later)."""
+    batch, _, qlen, _ = query.shape
     if qlen == 1:
-        return torch.matmul((query + v[:, None, :]) * scaling, r_k)  # [B, H, 1, K]
+        query_v = ((query[:, :, 0] + v) * scaling).permute(1, 2, 0)  # [H, D, B]
+        return torch.bmm(position_head, query_v).permute(2, 0, 1)[:, :, None]  # [B, H, 1, K]
+    r_k = position_head.transpose(1, 2)  # [H, D, K]
     r_padded = F.pad(r_k * scaling, (1, 0))  # [H, D, K+1], column 0 zero
     return _ShiftedView.apply(torch.matmul(query + v[:, None, :], r_padded))  # [B, H, T, K]
 
@@ -408,22 +457,24 @@ class TxlRelAttention(nn.Module):
         batch, qlen, _ = hidden_states.shape
         inner = self.n_head * self.d_head
         x = self.layer_norm(hidden_states) if self.pre_lnorm else hidden_states
-        query, key_value = self.qkv_proj(x).split([inner, 2 * inner], dim=-1)  # [B, T, H*D], [B, T, 2*H*D]
+        query, key_value = project(self.qkv_proj, x).split([inner, 2 * inner], dim=-1)  # [B, T, H*D], [B, T, 2*H*D]
         # The memory is projected apart from the segment: it needs no input gradient, and during inference the cache
         # keeps its projection.
-        if cache is not None:
-            key_value = cache.update(key_value, self.layer_idx, self.project_memory)  # [B, K, 2*H*D]
-        elif memory is not None and memory.shape[1]:
-            key_value = torch.cat([self.project_memory(memory), key_value], dim=1)  # [B, K, 2*H*D]
-        klen = key_value.shape[1]
-        if cache is not None:
-            position_head = cache.position_head(self.layer_idx, klen, lambda: self.r_proj(position_embeddings))
+        if cache is not None:  # the store keeps them head-major: [B, H, K, D] with each head's positions contiguous
+            key, value = cache.update(key_value, self.layer_idx, self.project_memory)
         else:
-            position_head = self.r_proj(position_embeddings[-klen:])  # [K, H*D]
-
+            if memory is not None and memory.shape[1]:
+                key_value = torch.cat([self.project_memory(memory), key_value], dim=1)  # [B, K, 2*H*D]
+            key, value = key_value.view(batch, -1, 2, self.n_head, self.d_head).unbind(2)  # [B, K, H, D] each
+            key, value = key.transpose(1, 2), value.transpose(1, 2)  # [B, H, K, D]
+        klen = key.shape[2]
+        if cache is not None:
+            position_head = cache.position_head(
+                self.layer_idx, klen, lambda: self.split_position_heads(self.r_proj(position_embeddings))
+            )  # [H, K, D]
+        else:
+            position_head = self.split_position_heads(self.r_proj(position_embeddings[-klen:]))  # [H, K, D]
         query = query.view(batch, qlen, self.n_head, self.d_head).transpose(1, 2)  # [B, H, T, D]
-        key, value = key_value.view(batch, klen, 2, self.n_head, self.d_head).unbind(2)  # [B, K, H, D] each
-        key, value = key.transpose(1, 2), value.transpose(1, 2)  # [B, H, K, D]
         if r_w_bias is None:  # this layer's own u, v (untie_r), read inside it, where FSDP has gathered them
             r_w_bias, r_r_bias = self.r_w_bias, self.r_r_bias
         implementation = "eager" if kwargs.get("output_attentions") else self.config._attn_implementation or "eager"
@@ -432,11 +483,15 @@ class TxlRelAttention(nn.Module):
             self, query, key, value, position_head, allowed,
             u=r_w_bias, v=r_r_bias, scaling=self.scaling, dropout=self.dropatt if self.training else 0.0,
         )  # fmt: skip
-        out = self.o_proj(out.reshape(batch, qlen, inner))
+        out = project(self.o_proj, out.reshape(batch, qlen, inner))
         if self.training:  # (skipping the eval no-op saves per-token overhead in generation)
             out = self.drop(out)
         out = hidden_states + out if self.pre_lnorm else self.layer_norm(hidden_states + out)
         return out, probs
+
+    def split_position_heads(self, position_head: torch.Tensor) -> torch.Tensor:
+        """``W_{k,R} R`` ``[K, H*D]`` -> ``[H, K, D]`` (a view)."""
+        return position_head.view(position_head.shape[0], self.n_head, self.d_head).transpose(0, 1)
 
     def project_memory(self, memory: torch.Tensor) -> torch.Tensor:
         """The memory's keys and values ``[B, M, 2*H*D]``."""
@@ -457,10 +512,10 @@ class TxlFeedForward(nn.Module):
 
     def forward(self, hidden):
         x = self.layer_norm(hidden) if self.pre_lnorm else hidden
-        x = F.relu(self.fc_in(x))
+        x = F.relu(project(self.fc_in, x))
         if self.training:
             x = self.drop(x)
-        x = self.fc_out(x)
+        x = project(self.fc_out, x)
         if self.training:
             x = self.drop(x)
         return hidden + x if self.pre_lnorm else self.layer_norm(hidden + x)
@@ -543,6 +598,16 @@ class TxlSequenceClassifierOutput(ModelOutput):
         return self.cache
 
 
+def align_cpu_parameters(model: nn.Module, alignment: int = 64) -> None:
+    """Copy every floating-point CPU parameter and buffer whose data is not ``alignment``-byte aligned into fresh
+    (aligned) memory, in place (``.data``: the parameter objects, and so tied weights, stay as they were). torch
+    allocates CPU tensors 64-byte aligned; a memory-mapped checkpoint does not."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.device.type == "cpu" and tensor.is_floating_point() and tensor.data_ptr() % alignment:
+                tensor.data = tensor.data.clone()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Pretrained base
 # ----------------------------------------------------------------------------------------------------
@@ -564,6 +629,16 @@ class TxlPreTrainedModel(PreTrainedModel):
         # Attention reads `config._attn_implementation` at every call, so `set_attn_implementation("eager" | "sdpa" |
         # "flex_attention")` takes effect at once (transformers guesses otherwise from the module source).
         return True
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' ``from_pretrained``, then :func:`align_cpu_parameters`: safetensors maps CPU weights at
+        addresses 8 bytes past a 64-byte boundary, and the CPU kernels of a generation step
+        (:func:`split_weight_linear`) round differently there. Aligned, a loaded model computes bit for bit what the
+        saved one did."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        align_cpu_parameters(loaded[0] if isinstance(loaded, tuple) else loaded)  # (model, loading_info) on request
+        return loaded
 
     def _init_weights(self, module):
         """Linear and embedding weights ~ N(0, init_std), biases 0, LayerNorm (1, 0) via transformers'
@@ -777,7 +852,7 @@ class TxlModel(TxlPreTrainedModel):
         cache_key = self._inference_cache_key(hidden) if use_cache else None  # projections kept during inference
         memory.begin_segment(
             qlen, key_is_real, mem_len=config.mem_len, cache_key=cache_key, like=hidden,
-            kv_width=2 * config.n_head * config.d_head, kv_dtype=self._projection_dtype(hidden),
+            heads=(config.n_head, config.d_head), kv_dtype=self._projection_dtype(hidden),
         )  # fmt: skip
         position_rows = memory.position_length(mlen + qlen)
         position_embeddings = None  # R [K', d]: not needed when every layer has its projection cached
@@ -908,7 +983,7 @@ class TxlForCausalLM(TxlPreTrainedModel, GenerationMixin):
         if isinstance(self.lm_head, TxlAdaptiveLogSoftmax):
             logits = self.lm_head(hidden, self.transformer.word_emb)  # log-probabilities [B, T, V], float32
         else:
-            logits = self.lm_head(hidden)  # [B, T, V], the autocast dtype under autocast
+            logits = project(self.lm_head, hidden)  # [B, T, V], the autocast dtype under autocast
         loss = None
         if labels is not None or shift_labels is not None:
             loss = self._lm_loss(logits, labels, **kwargs)

@@ -48,7 +48,8 @@ def test_cache_is_a_transformers_cache_updated_in_place_and_mems_is_its_alias():
         assert second.cache is cache and second.mems is cache  # updated in place, as transformers' caches are
         assert cache.get_seq_length() == 9
         whole = model(ids, use_cache=False).logits
-    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), whole, atol=1e-5, rtol=1e-5)
+    # init_std 0.5 gives logits up to ~10: each float32 route is 1e-5 to 2.5e-5 from a float64 forward.
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), whole, atol=5e-5, rtol=1e-5)
 
 
 def test_mems_alias_leaves_the_given_memory_as_it_was():
@@ -99,7 +100,8 @@ def test_empty_cache_from_config_and_plain_lists():
         out = model(ids, cache=empty)
         assert out.cache is empty and empty.get_seq_length() == 5
         listed = model(ids, mems=[m.clone() for m in empty]).logits
-        torch.testing.assert_close(listed, model(ids, mems=empty).logits, atol=1e-6, rtol=1e-5)
+        # (the list has no cached projections: its keys come from another float32 kernel, init_std 0.5 logits)
+        torch.testing.assert_close(listed, model(ids, mems=empty).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_crop_rolls_the_memory_back_to_what_recomputation_gives():

@@ -77,7 +77,7 @@ def test_flex_function_matches_eager(qlen, mask_batch, flex_calls):
     klen = mlen + qlen
     query = torch.randn(batch, n_head, qlen, d_head)
     key, value = torch.randn(2, batch, n_head, klen, d_head).unbind(0)
-    position_head = torch.randn(klen, n_head * d_head)
+    position_head = torch.randn(n_head, klen, d_head)
     u, v = torch.randn(2, n_head, d_head).unbind(0)
     allowed = None  # mask_batch 0: every key
     if mask_batch:

@@ -167,8 +167,8 @@ def test_user_memory_is_expanded_for_several_sequences(num_return_sequences):
     single = model.generate(prompt, mems=mems, do_sample=False, **report)
     recomputed = model.generate(whole, use_cache=False, do_sample=False, **report)
     assert torch.equal(single.sequences[:, 2:], recomputed.sequences[:, 8:])
-    for step in range(4):
-        torch.testing.assert_close(single.logits[step], recomputed.logits[step], atol=1e-5, rtol=1e-5)
+    for step in range(4):  # float32 rounding of different kernels (one-row steps vs whole sequences), logits ~10
+        torch.testing.assert_close(single.logits[step], recomputed.logits[step], atol=5e-5, rtol=1e-5)
     first_step = single.logits[0]
     assert (first_step[0] - first_step[1]).abs().max().item() > 1e-3  # the memory does change the predictions
     assert not torch.equal(single.sequences[0], single.sequences[1])  # and the tokens generated from them
@@ -180,8 +180,8 @@ def test_user_memory_is_expanded_for_several_sequences(num_return_sequences):
         for k in range(n):
             assert torch.equal(out.sequences[row * n + k], single.sequences[row])
             assert torch.equal(out.sequences[row * n + k, 2:], recomputed.sequences[row, 8:])
-            for step in range(4):  # raw logits, before top-k
-                torch.testing.assert_close(out.logits[step][row * n + k], single.logits[step][row], atol=1e-5, rtol=0)
+            for step in range(4):  # raw logits, before top-k (float32 rounding differs with the batch size)
+                torch.testing.assert_close(out.logits[step][row * n + k], single.logits[step][row], atol=5e-5, rtol=0)
 
     # beam search expands the memory the same way: n beams continuing the memory = n beams over the whole context
     beams = dict(num_beams=n, num_return_sequences=n, do_sample=False, max_new_tokens=4, return_dict_in_generate=True)

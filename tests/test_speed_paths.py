@@ -148,13 +148,16 @@ def test_cache_holds_the_projection_of_the_memory_and_of_r(pre_lnorm):
         mems = model(ids[:, :1], mems=mems).mems
         inner = config.n_head * config.d_head
         for layer, hidden, kv, r_head in zip(model.layers, mems, mems.kv, mems.r_head):
-            assert kv.shape == (2, config.mem_len, 2 * inner)
+            assert kv.shape == (2, 2, config.n_head, config.mem_len, config.d_head)  # keys/values, B, H, M, D
             x = layer.attn.layer_norm(hidden) if pre_lnorm else hidden
-            torch.testing.assert_close(kv, F.linear(x, layer.attn.qkv_proj.weight[inner:]), atol=1e-6, rtol=1e-5)
-            klen = r_head.shape[0]
-            assert klen >= config.mem_len + 1
+            expected = F.linear(x, layer.attn.qkv_proj.weight[inner:])  # [B, M, 2*H*D], keys then values
+            expected = expected.view(2, config.mem_len, 2, config.n_head, config.d_head).permute(2, 0, 3, 1, 4)
+            torch.testing.assert_close(kv, expected, atol=1e-6, rtol=1e-5)
+            klen = r_head.shape[1]
+            assert r_head.shape == (config.n_head, klen, config.d_head) and klen >= config.mem_len + 1
             pos_emb = sinusoid_position_embedding(klen, config.d_model, config.clamp_len)
-            torch.testing.assert_close(r_head, layer.attn.r_proj(pos_emb), atol=1e-6, rtol=1e-5)
+            expected = layer.attn.r_proj(pos_emb).view(klen, config.n_head, config.d_head).transpose(0, 1)
+            torch.testing.assert_close(r_head, expected, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("pre_lnorm,same_length,clamp_len,untie_r,padded", CASES)
@@ -191,10 +194,10 @@ def test_cache_is_carried_by_memory_operations_and_dropped_on_dtype_change():
     assert mems.kv is not None and mems.r_head is not None
     index = torch.tensor([2, 0])
     picked = mems.index_select(index)
-    assert all(torch.equal(p, m[index]) for p, m in zip(picked.kv, mems.kv))
+    assert all(torch.equal(p, m[:, index]) for p, m in zip(picked.kv, mems.kv))  # kv [2, B, H, M, D]
     assert picked.cache_key == mems.cache_key and all(p is m for p, m in zip(picked.r_head, mems.r_head))
     repeated = mems.repeat_interleave(2)
-    assert all(torch.equal(r, m.repeat_interleave(2, 0)) for r, m in zip(repeated.kv, mems.kv))
+    assert all(torch.equal(r, m.repeat_interleave(2, 1)) for r, m in zip(repeated.kv, mems.kv))
     assert all(a is b for a, b in zip(mems.detach().kv, mems.kv)) and all(
         a is b for a, b in zip(mems.to("cpu").kv, mems.kv)
     )
@@ -237,8 +240,8 @@ def test_long_generation_keeps_cache_bounded():
         mems = model(out.sequences[:, :3]).mems
         for step in range(3, 12):
             mems = model(out.sequences[:, step : step + 1], mems=mems).mems
-            assert all(kv.shape[1] == 4 for kv in mems.kv)
-            assert mems.r_head[0].shape[0] == 4 + 3  # computed once (mem_len + prompt), then reused
+            assert all(kv.shape[3] == 4 for kv in mems.kv)
+            assert mems.r_head[0].shape[1] == 4 + 3  # computed once (mem_len + prompt), then reused
     assert math.isfinite(float(mems.kv[0].sum()))
 
 
@@ -509,3 +512,106 @@ def test_prepared_device_check_runs_and_passes_on_the_cpu(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "device_check.json").read_text())
     assert len(report["checks"]) == 8 and all(c["ok"] for c in report["checks"].values())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Few-row projections (generation steps on the CPU) == F.linear
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("out_features", [48, 36, 7])  # 8, 4 and 1 weight blocks
+@pytest.mark.parametrize("rows", [1, 3, 64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_split_weight_linear_equals_linear(out_features, rows, bias):
+    from hf_txl.modeling_txl import split_weight_linear
+
+    x = torch.randn(rows, 1, 20, dtype=torch.float64)
+    weight = torch.randn(out_features, 20, dtype=torch.float64)
+    b = torch.randn(out_features, dtype=torch.float64) if bias else None
+    out = split_weight_linear(x, weight, b)
+    assert out.shape == (rows, 1, out_features) and out.is_contiguous()
+    torch.testing.assert_close(out, F.linear(x, weight, b), atol=1e-12, rtol=1e-12)
+    out32 = split_weight_linear(x.float(), weight.float(), None if b is None else b.float())
+    torch.testing.assert_close(out32, F.linear(x, weight, b).float(), atol=2e-5, rtol=1e-5)
+
+
+def test_project_takes_the_split_product_only_for_few_rows_of_float32_inference(monkeypatch):
+    import hf_txl.modeling_txl as modeling
+
+    calls = []
+    real = modeling.split_weight_linear
+    monkeypatch.setattr(modeling, "split_weight_linear", lambda *args: calls.append(1) or real(*args))
+    layer = torch.nn.Linear(16, 8)
+    few, many = torch.randn(2, 3, 16), torch.randn(modeling.FEW_ROWS + 1, 16)
+
+    def taken(x, module=layer) -> bool:
+        calls.clear()
+        out = modeling.project(module, x)
+        torch.testing.assert_close(out, F.linear(x, module.weight, module.bias), atol=1e-6, rtol=1e-5)
+        return bool(calls)
+
+    with torch.no_grad():
+        assert taken(few)
+        assert not taken(many)
+        assert not taken(few.double(), torch.nn.Linear(16, 8).double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            calls.clear()
+            assert modeling.project(layer, few).dtype == torch.bfloat16 and not calls  # autocast decides
+        subclass = type("MyLinear", (torch.nn.Linear,), {})(16, 8)  # e.g. an adapter or quantized layer
+        assert not taken(few, subclass)
+        hooked = torch.nn.Linear(16, 8)
+        hooked.register_forward_hook(lambda module, args, out: None)
+        assert not taken(few, hooked)
+    assert not taken(few)  # gradients enabled: the layer itself (autograd)
+    with torch.inference_mode():
+        assert taken(few)
+
+
+def test_generation_with_split_products_equals_plain_linear(monkeypatch):
+    import hf_txl.modeling_txl as modeling
+
+    model = TxlForCausalLM(tiny_config(mem_len=8, init_std=0.3)).eval()
+    prompt = torch.randint(1, 40, (2, 5))
+    kwargs = dict(max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    mask = left_padding(2, 5, 2)
+    fast = model.generate(prompt, attention_mask=mask, **kwargs)
+    monkeypatch.setattr(modeling, "FEW_ROWS", 0)  # every projection through nn.Linear
+    plain = model.generate(prompt, attention_mask=mask, **kwargs)
+    assert torch.equal(fast.sequences, plain.sequences)
+    for a, b in zip(fast.scores, plain.scores):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("head_major", [True, False])
+def test_one_query_position_scores_equal_the_formula(batch, head_major):
+    from hf_txl.modeling_txl import scaled_position_scores
+
+    n_head, klen, d_head = 4, 9, 8
+    query = torch.randn(batch, n_head, 1, d_head, dtype=torch.float64)
+    v = torch.randn(n_head, d_head, dtype=torch.float64)
+    projected = torch.randn(klen, n_head * d_head, dtype=torch.float64)  # W_{k,R} R as r_proj returns it
+    position_head = projected.view(klen, n_head, d_head).transpose(0, 1)  # [H, K, D], a strided view
+    if head_major:
+        position_head = position_head.contiguous()  # as the inference cache keeps it
+    expected = torch.einsum("bhd,khd->bhk", query[:, :, 0] + v, projected.view(klen, n_head, d_head)) * 0.3
+    out = scaled_position_scores(query, position_head, v, 0.3)
+    assert out.shape == (batch, n_head, 1, klen)
+    torch.testing.assert_close(out[:, :, 0], expected, atol=1e-12, rtol=1e-12)
+
+
+def test_loaded_weights_are_aligned_and_stay_tied(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = TxlForCausalLM(tiny_config(mem_len=4)).eval()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert all(p.data_ptr() % 64 == 0 for p in loaded.parameters())
+    assert loaded.lm_head.weight is loaded.transformer.word_emb.weight
+    loaded_with_info, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert isinstance(info, dict) and all(p.data_ptr() % 64 == 0 for p in loaded_with_info.parameters())
+    ids = torch.randint(1, 40, (1, 6))
+    with torch.no_grad():  # prompt, then one-token steps (split products): bit for bit
+        a, b = model(ids[:, :5]), loaded(ids[:, :5])
+        assert torch.equal(a.logits, b.logits)
+        assert torch.equal(model(ids[:, 5:], cache=a.cache).logits, loaded(ids[:, 5:], cache=b.cache).logits)
