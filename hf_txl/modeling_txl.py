@@ -197,6 +197,7 @@ class TxlDropout(nn.Dropout):
 # ----------------------------------------------------------------------------------------------------
 
 FEW_ROWS = 64  # up to this many input rows (batch x tokens), inference on the CPU takes the split-weight product
+PLAIN_TENSOR_TYPES = (nn.Parameter, torch.Tensor)
 
 
 def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -206,12 +207,12 @@ def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     layers, other devices and dtypes, tracing) calls the layer itself."""
     weight = layer.weight
     if (
-        x.device.type != "cpu"
+        x.numel() > FEW_ROWS * x.shape[-1]
+        or type(layer) is not nn.Linear
+        or type(weight) not in PLAIN_TENSOR_TYPES  # e.g. a DTensor (FSDP)
         or x.dtype != torch.float32
         or weight.dtype != torch.float32
-        or type(layer) is not nn.Linear
-        or type(weight.data) is not torch.Tensor  # e.g. a DTensor (FSDP)
-        or x.numel() > FEW_ROWS * x.shape[-1]
+        or x.device.type != "cpu"
         or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         or layer._forward_hooks
         or layer._forward_pre_hooks
@@ -227,16 +228,16 @@ def split_weight_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     (a view, no copy): ``[P, out/P, in] @ [P, in, rows]``. torch's CPU ``bmm`` streams the weight at close to the
     memory bandwidth here, where ``F.linear``'s one-row kernel reads it at a third of it. x ``[..., in]``."""
     out_features, in_features = weight.shape
-    blocks = next((p for p in (8, 4, 2) if out_features % p == 0), 1)
+    blocks = 8 if out_features % 8 == 0 else 4 if out_features % 4 == 0 else 2 if out_features % 2 == 0 else 1
     rows = x.numel() // in_features
-    inputs = x.reshape(rows, in_features).t()[None].expand(blocks, in_features, rows)  # [P, in, rows]
+    inputs = x.reshape(rows, in_features).t().expand(blocks, in_features, rows)  # [P, in, rows] (strides 0, 1, in)
     weight_blocks = weight.view(blocks, out_features // blocks, in_features)  # [P, out/P, in]
     if bias is None:
         out = torch.bmm(weight_blocks, inputs)
     else:
         out = torch.baddbmm(bias.view(blocks, -1, 1), weight_blocks, inputs)  # [P, out/P, rows]
-    out = out.view(out_features, rows)
-    out = out.view(rows, out_features) if rows == 1 else out.t().contiguous()  # [rows, out]
+    if rows != 1:
+        out = out.view(out_features, rows).t().contiguous()  # [rows, out]
     return out.view(*x.shape[:-1], out_features)
 
 
