@@ -474,29 +474,38 @@ def gemm(args):
 def weight_stream(args):
     """(txl) The matrix-vector products of one generation step alone: every weight a token must read (the
     layers' q/k/v, output and feed-forward projections, and the output layer; W_{k,R} R is cached), applied to one
-    token's vector. Median seconds per step: the memory-bandwidth floor of a generation step on this machine."""
+    token's vector, as the model computes them (``hf_txl.modeling_txl.project``: the split-weight product on the CPU)
+    and through ``nn.Linear``. Median seconds per step of each: the floor of torch's kernels on this machine."""
+    from hf_txl.modeling_txl import project
+
     linears = []
     for layer in MODEL.transformer.layers:
         linears += [layer.attn.qkv_proj, layer.attn.o_proj, layer.ff.fc_in, layer.ff.fc_out]
     linears.append(MODEL.lm_head)
     inputs = [torch.randn(1, 1, linear.in_features) for linear in linears]
-    times = []
+    result = {}
     with torch.inference_mode():
-        for _ in range(args["repeats"]):
-            t0 = time.perf_counter()
-            for linear, x in zip(linears, inputs):
-                linear(x)
-            times.append(time.perf_counter() - t0)
-    weights = sum(linear.weight.numel() * linear.weight.element_size() for linear in linears)
-    return {"seconds": statistics.median(times[len(times) // 4 :]), "weight_bytes": weights}
+        for key, apply in (("seconds", project), ("seconds_nn_linear", lambda linear, x: linear(x))):
+            times = []
+            for _ in range(args["repeats"]):
+                t0 = time.perf_counter()
+                for linear, x in zip(linears, inputs):
+                    apply(linear, x)
+                times.append(time.perf_counter() - t0)
+            result[key] = statistics.median(times[len(times) // 4 :])
+    result["weight_bytes"] = sum(linear.weight.numel() * linear.weight.element_size() for linear in linears)
+    return result
 
 
 def bare_step(args):
     """(txl) One generation step's maths written out with bare tensor operations: no modules, no memory object, no
     masks, no `generate` loop; the memory's keys/values and position terms are preallocated (``mem_len`` positions,
     the window moving by one per call as in generation). Median seconds per step, eager and (``compile``) under
-    ``torch.compile``: what a step costs when only its kernels are left (post-norm, per-layer u/v models only)."""
+    ``torch.compile``: what a step costs when only its kernels are left (post-norm, per-layer u/v models only). The
+    kernels are the model's: the split-weight products and the head-major keys/values and position terms."""
     import torch.nn.functional as F
+
+    from hf_txl.modeling_txl import split_weight_linear
 
     config, model = MODEL.config, MODEL.transformer
     assert not config.pre_lnorm and config.untie_r and not config.uses_adaptive(), "post-norm, untie_r, plain softmax"
@@ -508,9 +517,9 @@ def bare_step(args):
         for l in model.layers
     ]  # fmt: skip
     span = 2 * klen  # the window moves through a store twice its length
-    kv_store = [torch.randn(1, span, 2 * inner) for _ in layers]
+    kv_store = [torch.randn(2, 1, n_head, span, d_head) for _ in layers]  # keys, values head-major, as the cache
     hidden_store = [torch.randn(1, span, d_model) for _ in layers]
-    r_heads = [torch.randn(klen, inner) for _ in layers]
+    r_heads = [torch.randn(n_head, klen, d_head) for _ in layers]
     embedding, head = model.word_emb.weight, MODEL.lm_head
 
     def step(token, kv_views, hidden_views):
@@ -519,23 +528,24 @@ def bare_step(args):
             layers, kv_views, hidden_views, r_heads
         ):
             hidden_out.copy_(h)
-            q, new_kv = F.linear(h, w_qkv).split([inner, 2 * inner], -1)
-            kv[:, -1:].copy_(new_kv)
-            k, val = (t.transpose(1, 2) for t in kv.view(1, klen, 2, n_head, d_head).unbind(2))  # [1, H, K, D]
-            q = q.view(1, 1, n_head, d_head).transpose(1, 2)  # [1, H, 1, D]
-            position = torch.matmul((q + v[:, None]) * scale, r.view(klen, n_head, d_head).permute(1, 2, 0))
-            out = F.scaled_dot_product_attention(q + u[:, None], k, val, attn_mask=position, scale=scale)
-            h = F.layer_norm(h + F.linear(out.transpose(1, 2).reshape(1, 1, inner), w_o), (d_model,), ln1.weight,
+            q, new_kv = split_weight_linear(h, w_qkv, None).split([inner, 2 * inner], -1)
+            kv[:, :, :, -1:].copy_(new_kv.view(1, 1, 2, n_head, d_head).permute(2, 0, 3, 1, 4))
+            k, val = kv[0], kv[1]  # [1, H, K, D]
+            q = q.view(1, n_head, d_head)  # [1, H, D]
+            position = torch.bmm(r, ((q + v) * scale).permute(1, 2, 0)).permute(2, 0, 1)[:, :, None]  # [1, H, 1, K]
+            out = F.scaled_dot_product_attention((q + u)[:, :, None], k, val, attn_mask=position, scale=scale)
+            h = F.layer_norm(h + split_weight_linear(out.reshape(1, 1, inner), w_o, None), (d_model,), ln1.weight,
                              ln1.bias, ln1.eps)  # fmt: skip
-            ff = F.linear(F.relu(F.linear(h, fc_in.weight, fc_in.bias)), fc_out.weight, fc_out.bias)
+            ff = split_weight_linear(F.relu(split_weight_linear(h, fc_in.weight, fc_in.bias)), fc_out.weight,
+                                     fc_out.bias)  # fmt: skip
             h = F.layer_norm(h + ff, (d_model,), ln2.weight, ln2.bias, ln2.eps)
-        return F.linear(h, head.weight, head.bias)
+        return split_weight_linear(h, head.weight, head.bias)
 
     def timed(fn, repeats):
         token, times = torch.tensor([[1]]), []
         for i in range(repeats):
             start = i % klen
-            kv_views = [kv[:, start : start + klen] for kv in kv_store]
+            kv_views = [kv[:, :, :, start : start + klen] for kv in kv_store]
             hidden_views = [hs[:, start + klen - 1 : start + klen] for hs in hidden_store]
             t0 = time.perf_counter()
             fn(token, kv_views, hidden_views)

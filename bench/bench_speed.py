@@ -488,11 +488,13 @@ def generation_rows(workers, results, row, rows, gen_name, gen_dir, gen_reps, qu
     floor = GUARD.call(workers["txl"], "weight_stream", repeats=50 if quick else 200)
     floor_ms = 1000 * floor["seconds"]
     results["generate_floor"] = dict(floor, ms_per_token=floor_ms, best_speedup_vs_ref=ms["ref"] / floor_ms)
+    linear_ms = 1000 * floor["seconds_nn_linear"]
     rows.append(("generation floor: the step's matrix-vector products alone (ms/token)", ms["txl"], floor_ms,
                  "ms/tok", ms["txl"] / floor_ms, NAN, NAN,
                  f"ref column: hf_txl's step; {floor['weight_bytes'] / 2**20:.0f} MiB of weights per token, "
-                 f"{floor['weight_bytes'] / floor['seconds'] / 1e9:.0f} GB/s; at this floor 4.35.2 / floor = "
-                 f"{ms['ref'] / floor_ms:.1f}x"))  # fmt: skip
+                 f"{floor['weight_bytes'] / floor['seconds'] / 1e9:.0f} GB/s as the model computes them (through "
+                 f"nn.Linear: {linear_ms:.2f} ms, {floor['weight_bytes'] / floor['seconds_nn_linear'] / 1e9:.0f} "
+                 f"GB/s); at this floor 4.35.2 / floor = {ms['ref'] / floor_ms:.1f}x"))  # fmt: skip
     print(f"  generation floor {floor_ms:.2f} ms/token (4.35.2 / floor = {ms['ref'] / floor_ms:.1f}x)", flush=True)
     # The machine's floor: every byte the step must read (weights and the memory's cached projections) / bandwidth.
     machine_floor_row(workers, results, rows, key="generate_machine_floor", label="", step_ms=ms["txl"],
