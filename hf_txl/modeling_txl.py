@@ -340,7 +340,9 @@ def sdpa_rel_attention(module, query, key, value, position_head, allowed, *, u, 
     keys = key.reshape(batch * n_head, klen, d_head).transpose(1, 2)  # [B*H, D, K]
     # AC * scale + (BD * scale, masked) in one GEMM that accumulates into the position term.
     scores = torch.baddbmm(position_scores.reshape(batch * n_head, qlen, klen), content_query, keys, alpha=scaling)
-    probs = fast_dropout(torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype), dropout, module.training)
+    # bf16 / fp16 scores: torch's softmax kernels accumulate in float32 and round once, so the probabilities equal the
+    # eager reference's float32 softmax cast back, without the two casts (and their backward) over [B*H, T, K].
+    probs = fast_dropout(torch.softmax(scores, dim=-1).to(value.dtype), dropout, module.training)
     out = torch.bmm(probs, value.reshape(batch * n_head, klen, d_head))  # [B*H, T, D]
     return out.view(batch, n_head, qlen, d_head).transpose(1, 2).contiguous(), None  # [B, T, H, D]
 
