@@ -443,7 +443,7 @@ def step_bytes(args):
 
 def bandwidth(args):
     """Memory bandwidth: ``dst.copy_(src)`` of an ``mib`` MiB float32 tensor, read + write bytes counted; best and
-    median bytes/s over ``repeats`` copies after one warm-up."""
+    median bytes/s over ``repeats`` copies after one warm-up. Also the read-only rate (``src.sum()``)."""
     n = args["mib"] * 2**20 // 4
     src = torch.empty(n).uniform_()
     dst = torch.empty_like(src)
@@ -454,7 +454,15 @@ def bandwidth(args):
         dst.copy_(src)
         times.append(time.perf_counter() - t0)
     moved = 2 * src.numel() * src.element_size()
-    return {"best": moved / min(times), "median": moved / statistics.median(times), "bytes": moved}
+    reads = []  # a read-only stream (a sum), what a matrix-vector product does with its weights
+    src.sum()
+    for _ in range(args["repeats"]):
+        t0 = time.perf_counter()
+        src.sum()
+        reads.append(time.perf_counter() - t0)
+    read = src.numel() * src.element_size()
+    return {"best": moved / min(times), "median": moved / statistics.median(times), "bytes": moved,
+            "read_best": read / min(reads), "read_median": read / statistics.median(reads)}  # fmt: skip
 
 
 def gemm(args):
