@@ -353,15 +353,15 @@ def main(argv=None):
             tps = {s: tokens / r[s]["seconds"] for s in r}
             row(f"train {name} {precision}", tps["ref"], tps["txl"], "tok/s", r["ref"]["peak_mib"],
                 r["txl"]["peak_mib"], note)  # fmt: skip
-            if precision == "fp32":
-                flops = train_flops(c)
+            if precision == "fp32" or cpu["native_bf16"]:  # the achieved FLOP/s against this dtype's GEMM
+                flops, dtype = train_flops(c), "float32" if precision == "fp32" else "bfloat16"
                 for s in ("ref", "txl"):
                     achieved = flops / r[s]["seconds"]
-                    results[f"{name}_train_fp32_{s}_fraction_of_peak"] = achieved / peak["float32"]
+                    results[f"{name}_train_{precision}_{s}_fraction_of_peak"] = achieved / peak[dtype]
                 print(
                     f"    achieved {flops / r['txl']['seconds'] / 1e9:.0f} GFLOP/s = "
-                    f"{results[f'{name}_train_fp32_txl_fraction_of_peak']:.0%} of the fp32 GEMM peak (hf_txl); "
-                    f"ref {results[f'{name}_train_fp32_ref_fraction_of_peak']:.0%} (same FLOP count)",
+                    f"{results[f'{name}_train_{precision}_txl_fraction_of_peak']:.0%} of the {precision} GEMM peak "
+                    f"(hf_txl); ref {results[f'{name}_train_{precision}_ref_fraction_of_peak']:.0%} (same FLOP count)",
                     flush=True,
                 )
             r = side_by_side(workers, "evaluate", reps, autocast=autocast, **common)
