@@ -443,24 +443,25 @@ def step_bytes(args):
 
 def bandwidth(args):
     """Memory bandwidth: ``dst.copy_(src)`` of an ``mib`` MiB float32 tensor, read + write bytes counted; best and
-    median bytes/s over ``repeats`` copies after one warm-up. Also the read-only rate (``src.sum()``)."""
+    median bytes/s over ``repeats`` copies after one warm-up, in each of 3 fresh pairs of buffers. Also the read-only
+    rate (``src.sum()``)."""
     n = args["mib"] * 2**20 // 4
-    src = torch.empty(n).uniform_()
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(args["repeats"]):
-        t0 = time.perf_counter()
+    times, reads = [], []  # copies; read-only streams (a sum), what a matrix-vector product does with its weights
+    for _ in range(3):  # fresh buffers each time: the rate moves with where the pages land (up to 1.5x here)
+        src = torch.empty(n).uniform_()
+        dst = torch.empty_like(src)
         dst.copy_(src)
-        times.append(time.perf_counter() - t0)
-    moved = 2 * src.numel() * src.element_size()
-    reads = []  # a read-only stream (a sum), what a matrix-vector product does with its weights
-    src.sum()
-    for _ in range(args["repeats"]):
-        t0 = time.perf_counter()
         src.sum()
-        reads.append(time.perf_counter() - t0)
-    read = src.numel() * src.element_size()
+        for _ in range(args["repeats"]):
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            src.sum()
+            reads.append(time.perf_counter() - t0)
+        del src, dst
+    moved = 2 * n * 4
+    read = n * 4
     return {"best": moved / min(times), "median": moved / statistics.median(times), "bytes": moved,
             "read_best": read / min(reads), "read_median": read / statistics.median(reads)}  # fmt: skip
 

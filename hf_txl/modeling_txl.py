@@ -196,15 +196,16 @@ class TxlDropout(nn.Dropout):
 # Projections of a few rows (generation steps)
 # ----------------------------------------------------------------------------------------------------
 
-FEW_ROWS = 64  # up to this many input rows (batch x tokens), inference on the CPU takes the split-weight product
+FEW_ROWS = 128  # up to this many input rows (batch x tokens), CPU inference takes the split-weight product
 PLAIN_TENSOR_TYPES = (nn.Parameter, torch.Tensor)
 
 
 def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)``; on the CPU in float32 without gradients, inputs of at most ``FEW_ROWS`` rows (a generation step)
-    take :func:`split_weight_linear`, the same product at up to 3x the weight-read rate of ``F.linear``
-    (``bench/bench_gemv.py``). Anything else (autocast, gradients, hooks, subclasses such as quantized or adapter
-    layers, other devices and dtypes, tracing) calls the layer itself."""
+    take :func:`split_weight_linear`, the same product at up to 3x the weight-read rate of ``F.linear`` for one row and
+    1.1x at 128 (``bench/bench_gemv.py``; the two cross near 200 rows on the CPUs measured). Anything else
+    (autocast, gradients, hooks, subclasses such as quantized or adapter layers, other devices and dtypes, tracing)
+    calls the layer itself."""
     weight = layer.weight
     if (
         x.numel() > FEW_ROWS * x.shape[-1]
