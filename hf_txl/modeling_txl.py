@@ -202,8 +202,8 @@ PLAIN_TENSOR_TYPES = (nn.Parameter, torch.Tensor)
 
 def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)``; on the CPU in float32 without gradients, inputs of at most ``FEW_ROWS`` rows (a generation step)
-    take :func:`split_weight_linear`, the same product at up to 3x the weight-read rate of ``F.linear`` for one row and
-    1.1x at 128 (``bench/bench_gemv.py``; the two cross near 200 rows on the CPUs measured). Anything else
+    take :func:`split_weight_linear`, the same product at about 3x the weight-read rate of ``F.linear`` for one row
+    and no slower up to 128 (``bench/bench_gemv.py``; ``F.linear`` wins from about 200 rows). Anything else
     (autocast, gradients, hooks, subclasses such as quantized or adapter layers, other devices and dtypes, tracing)
     calls the layer itself."""
     weight = layer.weight
