@@ -305,8 +305,7 @@ def scaled_position_scores(query, position_head, v, scaling) -> torch.Tensor:
     product runs position-major (``[H, K, D] @ [H, D, B]``, which streams the cached head-major position term at
     close to the memory bandwidth). The scale is folded into the smaller operand. Entries of future keys are the
     shift's garbage (masked later)."""
-    batch, _, qlen, _ = query.shape
-    if qlen == 1:
+    if query.shape[2] == 1:
         query_v = ((query[:, :, 0] + v) * scaling).permute(1, 2, 0)  # [H, D, B]
         return torch.bmm(position_head, query_v).permute(2, 0, 1)[:, :, None]  # [B, H, 1, K]
     r_k = position_head.transpose(1, 2)  # [H, D, K]
