@@ -44,6 +44,7 @@ def best_seconds(fn, repeats: int = 5, inner: int = 10) -> float:
 
 
 def main() -> None:
+    all_threads = torch.get_num_threads()
     keep_freed_memory_in_process()  # as the training and evaluation scripts: no page faults on fresh outputs
     torch.manual_seed(0)
     weights = [torch.randn(2048, 512) for _ in range(40)]
@@ -71,7 +72,7 @@ def main() -> None:
             f"{2 * src.numel() * 4 / copy / 1e9:.1f} GB/s", f"{src.numel() * 4 / read / 1e9:.1f} GB/s",
         )  # fmt: skip
         print(" | ".join(cells))
-    torch.set_num_threads(max(2, torch.get_num_threads()))
+    torch.set_num_threads(all_threads)
     shapes = [(1536, 512), (512, 512), (2048, 512), (512, 2048)] * 6  # the mid config's six layers
     mid = [torch.randn(*shape) for shape in shapes]
     biases = [torch.randn(shape[0]) for shape in shapes]
