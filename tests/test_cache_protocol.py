@@ -305,7 +305,7 @@ def test_layers_are_gradient_checkpointing_layers_and_every_n_layers_works():
     ids = torch.randint(1, 40, (2, 6))
     memory = reference(ids).cache
     model.train(), reference.train()
-    model.gradient_checkpointing_enable({"use_reentrant": False})
+    model.activation_checkpointing_enable({"use_reentrant": False})
     assert all(layer.gradient_checkpointing for layer in model.transformer.layers)
     for net in (reference, model):
         net(ids, mems=memory, labels=ids).loss.backward()

@@ -138,7 +138,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     plain = TxlForCausalLM(copy.deepcopy(config)).train()
     checkpointed = TxlForCausalLM(copy.deepcopy(config)).train()
     checkpointed.load_state_dict(plain.state_dict())
-    checkpointed.gradient_checkpointing_enable()
+    checkpointed.activation_checkpointing_enable()
     assert checkpointed.transformer.gradient_checkpointing
     ids = torch.randint(1, 40, (2, 6))
     for model in (plain, checkpointed):
