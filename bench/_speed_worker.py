@@ -483,8 +483,9 @@ def gemm(args):
 def weight_stream(args):
     """(txl) The matrix-vector products of one generation step alone: every weight a token must read (the
     layers' q/k/v, output and feed-forward projections, and the output layer; W_{k,R} R is cached), applied to one
-    token's vector, as the model computes them (``hf_txl.modeling_txl.project``: the split-weight product on the CPU)
-    and through ``nn.Linear``. Median seconds per step of each: the floor of torch's kernels on this machine."""
+    token's vector, as the model computes them (``hf_txl.modeling_txl.project``: on the CPU the split-weight product or
+    ``F.linear``, whichever ``split_product_wins`` measured faster) and through ``nn.Linear``. Median seconds per
+    step of each: the floor of torch's kernels on this machine."""
     from hf_txl.modeling_txl import project
 
     linears = []
@@ -511,10 +512,13 @@ def bare_step(args):
     masks, no `generate` loop; the memory's keys/values and position terms are preallocated (``mem_len`` positions,
     the window moving by one per call as in generation). Median seconds per step, eager and (``compile``) under
     ``torch.compile``: what a step costs when only its kernels are left (post-norm, per-layer u/v models only). The
-    kernels are the model's: the split-weight products and the head-major keys/values and position terms."""
+    kernels are the model's: its few-row products (the split-weight product or ``F.linear``, as
+    ``split_product_wins`` chose) and the head-major keys/values and position terms."""
     import torch.nn.functional as F
 
-    from hf_txl.modeling_txl import split_weight_linear
+    from hf_txl.modeling_txl import split_product_wins, split_weight_linear
+
+    few_row_linear = split_weight_linear if split_product_wins() else F.linear
 
     config, model = MODEL.config, MODEL.transformer
     assert not config.pre_lnorm and config.untie_r and not config.uses_adaptive(), "post-norm, untie_r, plain softmax"
@@ -537,18 +541,18 @@ def bare_step(args):
             layers, kv_views, hidden_views, r_heads
         ):
             hidden_out.copy_(h)
-            q, new_kv = split_weight_linear(h, w_qkv, None).split([inner, 2 * inner], -1)
+            q, new_kv = few_row_linear(h, w_qkv, None).split([inner, 2 * inner], -1)
             kv[:, :, :, -1:].copy_(new_kv.view(1, 1, 2, n_head, d_head).permute(2, 0, 3, 1, 4))
             k, val = kv[0], kv[1]  # [1, H, K, D]
             q = q.view(1, n_head, d_head)  # [1, H, D]
             position = torch.bmm(r, ((q + v) * scale).permute(1, 2, 0)).permute(2, 0, 1)[:, :, None]  # [1, H, 1, K]
             out = F.scaled_dot_product_attention((q + u)[:, :, None], k, val, attn_mask=position, scale=scale)
-            h = F.layer_norm(h + split_weight_linear(out.reshape(1, 1, inner), w_o, None), (d_model,), ln1.weight,
+            h = F.layer_norm(h + few_row_linear(out.reshape(1, 1, inner), w_o, None), (d_model,), ln1.weight,
                              ln1.bias, ln1.eps)  # fmt: skip
-            ff = split_weight_linear(F.relu(split_weight_linear(h, fc_in.weight, fc_in.bias)), fc_out.weight,
+            ff = few_row_linear(F.relu(few_row_linear(h, fc_in.weight, fc_in.bias)), fc_out.weight,
                                      fc_out.bias)  # fmt: skip
             h = F.layer_norm(h + ff, (d_model,), ln2.weight, ln2.bias, ln2.eps)
-        return split_weight_linear(h, head.weight, head.bias)
+        return few_row_linear(h, head.weight, head.bias)
 
     def timed(fn, repeats):
         token, times = torch.tensor([[1]]), []

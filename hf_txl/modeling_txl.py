@@ -196,16 +196,18 @@ class TxlDropout(nn.Dropout):
 # Projections of a few rows (generation steps)
 # ----------------------------------------------------------------------------------------------------
 
-FEW_ROWS = 128  # up to this many input rows (batch x tokens), CPU inference takes the split-weight product
+FEW_ROWS = 128  # up to this many input rows (batch x tokens), CPU inference may take the split-weight product
 PLAIN_TENSOR_TYPES = (nn.Parameter, torch.Tensor)
+SPLIT_PRODUCT_WINS: dict[int, bool] = {}  # by torch thread count: measured once per process (split_product_wins)
+SPLIT_PRODUCT_MARGIN = 1.25  # the split product must be this much faster than F.linear to be taken
 
 
 def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)``; on the CPU in float32 without gradients, inputs of at most ``FEW_ROWS`` rows (a generation step)
-    take :func:`split_weight_linear`, the same product at about 3x the weight-read rate of ``F.linear`` for one row
-    and no slower up to 128 (``bench/bench_gemv.py``; ``F.linear`` wins from about 200 rows). Anything else
-    (autocast, gradients, hooks, subclasses such as quantized or adapter layers, other devices and dtypes, tracing)
-    calls the layer itself."""
+    call the product directly: :func:`split_weight_linear` where it is faster on this CPU
+    (:func:`split_product_wins`), else ``F.linear`` (which skips the module call). Anything else (autocast,
+    gradients, hooks, subclasses such as quantized or adapter layers, other devices and dtypes, tracing) calls the
+    layer itself."""
     weight = layer.weight
     if (
         x.numel() > FEW_ROWS * x.shape[-1]
@@ -221,13 +223,50 @@ def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         or torch.compiler.is_compiling()
     ):
         return layer(x)
-    return split_weight_linear(x, weight, layer.bias)
+    if split_product_wins():
+        return split_weight_linear(x, weight, layer.bias)
+    return F.linear(x, weight, layer.bias)
+
+
+def split_product_wins() -> bool:
+    """Whether :func:`split_weight_linear` streams a one-row product's weights faster than ``F.linear`` on this
+    CPU, by at least ``SPLIT_PRODUCT_MARGIN``: timed once per process and thread count (about 20 ms, 16 MiB of
+    float32 weights, beyond the L2 caches). The answer is the machine's: on AMD EPYC torch's one-row ``F.linear``
+    reads weights at about a third of the memory bandwidth and the split product about 3x faster; on Intel Xeon
+    (Sapphire Rapids) ``F.linear`` reads at close to it and the split product 2-3x slower
+    (``bench/bench_gemv.py``). Both compute the same product; they may differ in the last bits."""
+    threads = torch.get_num_threads()
+    if threads not in SPLIT_PRODUCT_WINS:
+        SPLIT_PRODUCT_WINS[threads] = _time_one_row_products() * SPLIT_PRODUCT_MARGIN <= 1.0
+    return SPLIT_PRODUCT_WINS[threads]
+
+
+def _time_one_row_products(repeats: int = 3) -> float:
+    """Best time of :func:`split_weight_linear` over best time of ``F.linear``, one row through four float32
+    weights of 2048 x 512 (16 MiB, written so that no page is shared zeros)."""
+    import time
+
+    weights = [torch.ones(2048, 512) for _ in range(4)]
+    x = torch.ones(1, 512)
+    best = {}
+    with torch.no_grad():
+        for name, product in (("linear", F.linear), ("split", split_weight_linear)):
+            product(x, weights[0], None)  # warm-up
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for weight in weights:
+                    product(x, weight, None)
+                times.append(time.perf_counter() - start)
+            best[name] = min(times)
+    return best["split"] / best["linear"]
 
 
 def split_weight_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for a few rows as one batched product over P blocks of the weight's output rows
-    (a view, no copy): ``[P, out/P, in] @ [P, in, rows]``. torch's CPU ``bmm`` streams the weight at close to the
-    memory bandwidth here, where ``F.linear``'s one-row kernel reads it at a third of it. x ``[..., in]``."""
+    (a view, no copy): ``[P, out/P, in] @ [P, in, rows]``. On CPUs where ``F.linear``'s one-row kernel reads the weight
+    at a third of the memory bandwidth (AMD EPYC), torch's CPU ``bmm`` streams it at close to it; elsewhere it is
+    slower (:func:`split_product_wins` decides). x ``[..., in]``."""
     out_features, in_features = weight.shape
     blocks = 8 if out_features % 8 == 0 else 4 if out_features % 4 == 0 else 2 if out_features % 2 == 0 else 1
     rows = x.numel() // in_features
@@ -637,7 +676,7 @@ class TxlPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, *args, **kwargs):
         """transformers' ``from_pretrained``, then :func:`align_cpu_parameters`: safetensors maps CPU weights at
         addresses 8 bytes past a 64-byte boundary, and the CPU kernels of a generation step
-        (:func:`split_weight_linear`) round differently there. Aligned, a loaded model computes bit for bit what the
+        (:func:`project`'s products) round differently there. Aligned, a loaded model computes bit for bit what the
         saved one did."""
         loaded = super().from_pretrained(*args, **kwargs)
         align_cpu_parameters(loaded[0] if isinstance(loaded, tuple) else loaded)  # (model, loading_info) on request

@@ -541,6 +541,7 @@ def test_project_takes_the_split_product_only_for_few_rows_of_float32_inference(
     calls = []
     real = modeling.split_weight_linear
     monkeypatch.setattr(modeling, "split_weight_linear", lambda *args: calls.append(1) or real(*args))
+    monkeypatch.setattr(modeling, "split_product_wins", lambda: True)  # a CPU where the split product is faster
     layer = torch.nn.Linear(16, 8)
     few, many = torch.randn(2, 3, 16), torch.randn(modeling.FEW_ROWS + 1, 16)
 
@@ -565,11 +566,42 @@ def test_project_takes_the_split_product_only_for_few_rows_of_float32_inference(
     assert not taken(few)  # gradients enabled: the layer itself (autograd)
     with torch.inference_mode():
         assert taken(few)
+    monkeypatch.setattr(modeling, "split_product_wins", lambda: False)  # a CPU where F.linear is faster
+    linear_calls, real_linear = [], F.linear
+    monkeypatch.setattr(modeling.F, "linear", lambda *args: linear_calls.append(1) or real_linear(*args))
+    monkeypatch.setattr(layer, "forward", None)  # the module call is skipped: F.linear directly
+    calls.clear()
+    with torch.no_grad():
+        out = modeling.project(layer, few)
+        assert linear_calls == [1] and not calls
+        torch.testing.assert_close(out, real_linear(few, layer.weight, layer.bias), atol=0, rtol=0)
 
 
-def test_generation_with_split_products_equals_plain_linear(monkeypatch):
+@pytest.mark.parametrize("split_over_linear_time, expected", [(0.3, True), (0.79, True), (0.9, False), (2.0, False)])
+def test_the_split_product_is_taken_where_it_is_measured_faster_by_the_margin(
+    monkeypatch, split_over_linear_time, expected
+):
     import hf_txl.modeling_txl as modeling
 
+    timings = []
+    monkeypatch.setattr(modeling, "SPLIT_PRODUCT_WINS", {})
+    monkeypatch.setattr(modeling, "_time_one_row_products", lambda: timings.append(1) or split_over_linear_time)
+    assert modeling.split_product_wins() is expected
+    assert modeling.split_product_wins() is expected and len(timings) == 1  # measured once per thread count
+
+
+def test_the_one_row_timing_compares_both_products():
+    import hf_txl.modeling_txl as modeling
+
+    ratio = modeling._time_one_row_products(repeats=1)
+    assert 0.01 < ratio < 100  # both timed, finite: which one wins is the machine's
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_generation_with_few_row_products_equals_plain_linear(monkeypatch, split):
+    import hf_txl.modeling_txl as modeling
+
+    monkeypatch.setattr(modeling, "split_product_wins", lambda: split)
     model = TxlForCausalLM(tiny_config(mem_len=8, init_std=0.3)).eval()
     prompt = torch.randint(1, 40, (2, 5))
     kwargs = dict(max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True)
@@ -600,8 +632,13 @@ def test_one_query_position_scores_equal_the_formula(batch, head_major):
     torch.testing.assert_close(out[:, :, 0], expected, atol=1e-12, rtol=1e-12)
 
 
-def test_loaded_weights_are_aligned_and_stay_tied(tmp_path):
+@pytest.mark.parametrize("split", [True, False])
+def test_loaded_weights_are_aligned_and_stay_tied(tmp_path, monkeypatch, split):
     from transformers import AutoModelForCausalLM
+
+    import hf_txl.modeling_txl as modeling
+
+    monkeypatch.setattr(modeling, "split_product_wins", lambda: split)
 
     model = TxlForCausalLM(tiny_config(mem_len=4)).eval()
     model.save_pretrained(tmp_path)
@@ -611,7 +648,7 @@ def test_loaded_weights_are_aligned_and_stay_tied(tmp_path):
     loaded_with_info, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert isinstance(info, dict) and all(p.data_ptr() % 64 == 0 for p in loaded_with_info.parameters())
     ids = torch.randint(1, 40, (1, 6))
-    with torch.no_grad():  # prompt, then one-token steps (split products): bit for bit
+    with torch.no_grad():  # prompt, then one-token steps (few-row products): bit for bit
         a, b = model(ids[:, :5]), loaded(ids[:, :5])
         assert torch.equal(a.logits, b.logits)
         assert torch.equal(model(ids[:, 5:], cache=a.cache).logits, loaded(ids[:, 5:], cache=b.cache).logits)
