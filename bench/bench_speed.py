@@ -96,7 +96,7 @@ class Worker:
 
 def ensure_ref_python(path: str | None) -> str:
     if path:
-        return path
+        return os.path.abspath(path)  # the workers run elsewhere; abspath, not resolve (a venv's python is a link)
     python = REF_VENV / "bin" / "python"
     if not python.exists():
         print(f"creating {REF_VENV} (transformers 4.35.2, torch {torch.__version__}) ...", flush=True)
