@@ -198,14 +198,14 @@ class TxlDropout(nn.Dropout):
 
 FEW_ROWS = 128  # up to this many input rows (batch x tokens), CPU inference may take the split-weight product
 PLAIN_TENSOR_TYPES = (nn.Parameter, torch.Tensor)
-SPLIT_PRODUCT_WINS: dict[int, bool] = {}  # by torch thread count: measured once per process (split_product_wins)
-SPLIT_PRODUCT_MARGIN = 1.25  # the split product must be this much faster than F.linear to be taken
+COLUMN_PRODUCTS_WIN: dict[int, bool] = {}  # by torch thread count: measured once per process (column_products_win)
+COLUMN_PRODUCTS_MARGIN = 1.25  # the matrix-times-column form must be this much faster to be taken
 
 
 def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)``; on the CPU in float32 without gradients, inputs of at most ``FEW_ROWS`` rows (a generation step)
     call the product directly: :func:`split_weight_linear` where it is faster on this CPU
-    (:func:`split_product_wins`), else ``F.linear`` (which skips the module call). Anything else (autocast,
+    (:func:`column_products_win`), else ``F.linear`` (which skips the module call). Anything else (autocast,
     gradients, hooks, subclasses such as quantized or adapter layers, other devices and dtypes, tracing) calls the
     layer itself."""
     weight = layer.weight
@@ -223,22 +223,24 @@ def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         or torch.compiler.is_compiling()
     ):
         return layer(x)
-    if split_product_wins():
+    if column_products_win():
         return split_weight_linear(x, weight, layer.bias)
     return F.linear(x, weight, layer.bias)
 
 
-def split_product_wins() -> bool:
-    """Whether :func:`split_weight_linear` streams a one-row product's weights faster than ``F.linear`` on this
-    CPU, by at least ``SPLIT_PRODUCT_MARGIN``: timed once per process and thread count (about 20 ms, 16 MiB of
-    float32 weights, beyond the L2 caches). The answer is the machine's: on AMD EPYC torch's one-row ``F.linear``
-    reads weights at about a third of the memory bandwidth and the split product about 3x faster; on Intel Xeon
-    (Sapphire Rapids) ``F.linear`` reads at close to it and the split product 2-3x slower
-    (``bench/bench_gemv.py``). Both compute the same product; they may differ in the last bits."""
+def column_products_win() -> bool:
+    """Whether this CPU runs one-row products faster as a matrix times a column (``bmm(W, x^T)``:
+    :func:`split_weight_linear`, and the one-query position term of :func:`scaled_position_scores`) than as a row
+    times a transposed matrix (``F.linear(x, W)``, ``q @ P^T``), by at least ``COLUMN_PRODUCTS_MARGIN``: timed once
+    per process and thread count (about 20 ms, 16 MiB of float32 weights, beyond the L2 caches). The answer is the
+    machine's: on AMD EPYC torch's one-row ``F.linear`` reads weights at about a third of the memory bandwidth and
+    the split product about 3x faster; on Intel Xeon (Sapphire Rapids) ``F.linear`` reads at close to it and the
+    split product 2-3x slower (``bench/bench_gemv.py``). Both forms compute the same product; they may differ in the
+    last bits."""
     threads = torch.get_num_threads()
-    if threads not in SPLIT_PRODUCT_WINS:
-        SPLIT_PRODUCT_WINS[threads] = _time_one_row_products() * SPLIT_PRODUCT_MARGIN <= 1.0
-    return SPLIT_PRODUCT_WINS[threads]
+    if threads not in COLUMN_PRODUCTS_WIN:
+        COLUMN_PRODUCTS_WIN[threads] = _time_one_row_products() * COLUMN_PRODUCTS_MARGIN <= 1.0
+    return COLUMN_PRODUCTS_WIN[threads]
 
 
 def _time_one_row_products(repeats: int = 3) -> float:
@@ -266,7 +268,7 @@ def split_weight_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     """``F.linear(x, weight, bias)`` for a few rows as one batched product over P blocks of the weight's output rows
     (a view, no copy): ``[P, out/P, in] @ [P, in, rows]``. On CPUs where ``F.linear``'s one-row kernel reads the weight
     at a third of the memory bandwidth (AMD EPYC), torch's CPU ``bmm`` streams it at close to it; elsewhere it is
-    slower (:func:`split_product_wins` decides). x ``[..., in]``."""
+    slower (:func:`column_products_win` decides). x ``[..., in]``."""
     out_features, in_features = weight.shape
     blocks = 8 if out_features % 8 == 0 else 4 if out_features % 4 == 0 else 2 if out_features % 2 == 0 else 1
     rows = x.numel() // in_features
@@ -341,12 +343,14 @@ def scaled_position_scores(query, position_head, v, scaling) -> torch.Tensor:
     """BD * scale ``[B, H, T, K]``, column j for key j, computed without a shift copy: the position projection gets a
     zero column in front (``[H, D, K+1]``), so the matmul itself writes the padded rows of :func:`rel_shift` and the
     shift is a view. One query (a generation step) sits at distance ``K-1-j`` from key j: nothing to shift, and the
-    product runs position-major (``[H, K, D] @ [H, D, B]``, which streams the cached head-major position term at
-    close to the memory bandwidth). The scale is folded into the smaller operand. Entries of future keys are the
-    shift's garbage (masked later)."""
+    product reads the cached head-major position term in the form this CPU streams faster
+    (:func:`column_products_win`): ``[H, K, D] @ [H, D, B]`` or ``[H, B, D] @ [H, D, K]``. The scale is folded
+    into the smaller operand. Entries of future keys are the shift's garbage (masked later)."""
     if query.shape[2] == 1:
-        query_v = ((query[:, :, 0] + v) * scaling).permute(1, 2, 0)  # [H, D, B]
-        return torch.bmm(position_head, query_v).permute(2, 0, 1)[:, :, None]  # [B, H, 1, K]
+        query_v = (query[:, :, 0] + v) * scaling  # [B, H, D]
+        if query.device.type == "cpu" and query.dtype == torch.float32 and not column_products_win():
+            return torch.matmul(query_v.transpose(0, 1), position_head.transpose(1, 2)).transpose(0, 1)[:, :, None]
+        return torch.bmm(position_head, query_v.permute(1, 2, 0)).permute(2, 0, 1)[:, :, None]  # [B, H, 1, K]
     r_k = position_head.transpose(1, 2)  # [H, D, K]
     r_padded = F.pad(r_k * scaling, (1, 0))  # [H, D, K+1], column 0 zero
     return _ShiftedView.apply(torch.matmul(query + v[:, None, :], r_padded))  # [B, H, T, K]

@@ -541,7 +541,7 @@ def test_project_takes_the_split_product_only_for_few_rows_of_float32_inference(
     calls = []
     real = modeling.split_weight_linear
     monkeypatch.setattr(modeling, "split_weight_linear", lambda *args: calls.append(1) or real(*args))
-    monkeypatch.setattr(modeling, "split_product_wins", lambda: True)  # a CPU where the split product is faster
+    monkeypatch.setattr(modeling, "column_products_win", lambda: True)  # a CPU where the split product is faster
     layer = torch.nn.Linear(16, 8)
     few, many = torch.randn(2, 3, 16), torch.randn(modeling.FEW_ROWS + 1, 16)
 
@@ -566,7 +566,7 @@ def test_project_takes_the_split_product_only_for_few_rows_of_float32_inference(
     assert not taken(few)  # gradients enabled: the layer itself (autograd)
     with torch.inference_mode():
         assert taken(few)
-    monkeypatch.setattr(modeling, "split_product_wins", lambda: False)  # a CPU where F.linear is faster
+    monkeypatch.setattr(modeling, "column_products_win", lambda: False)  # a CPU where F.linear is faster
     linear_calls, real_linear = [], F.linear
     monkeypatch.setattr(modeling.F, "linear", lambda *args: linear_calls.append(1) or real_linear(*args))
     monkeypatch.setattr(layer, "forward", None)  # the module call is skipped: F.linear directly
@@ -584,10 +584,10 @@ def test_the_split_product_is_taken_where_it_is_measured_faster_by_the_margin(
     import hf_txl.modeling_txl as modeling
 
     timings = []
-    monkeypatch.setattr(modeling, "SPLIT_PRODUCT_WINS", {})
+    monkeypatch.setattr(modeling, "COLUMN_PRODUCTS_WIN", {})
     monkeypatch.setattr(modeling, "_time_one_row_products", lambda: timings.append(1) or split_over_linear_time)
-    assert modeling.split_product_wins() is expected
-    assert modeling.split_product_wins() is expected and len(timings) == 1  # measured once per thread count
+    assert modeling.column_products_win() is expected
+    assert modeling.column_products_win() is expected and len(timings) == 1  # measured once per thread count
 
 
 def test_the_one_row_timing_compares_both_products():
@@ -601,7 +601,7 @@ def test_the_one_row_timing_compares_both_products():
 def test_generation_with_few_row_products_equals_plain_linear(monkeypatch, split):
     import hf_txl.modeling_txl as modeling
 
-    monkeypatch.setattr(modeling, "split_product_wins", lambda: split)
+    monkeypatch.setattr(modeling, "column_products_win", lambda: split)
     model = TxlForCausalLM(tiny_config(mem_len=8, init_std=0.3)).eval()
     prompt = torch.randint(1, 40, (2, 5))
     kwargs = dict(max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True)
@@ -632,13 +632,29 @@ def test_one_query_position_scores_equal_the_formula(batch, head_major):
     torch.testing.assert_close(out[:, :, 0], expected, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("columns", [True, False])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_one_query_position_scores_take_either_product_form_in_float32(monkeypatch, columns, batch):
+    import hf_txl.modeling_txl as modeling
+
+    monkeypatch.setattr(modeling, "column_products_win", lambda: columns)
+    n_head, klen, d_head = 4, 9, 8
+    query = torch.randn(batch, n_head, 1, d_head)
+    v = torch.randn(n_head, d_head)
+    position_head = torch.randn(n_head, klen, d_head)  # [H, K, D], head-major as the inference cache keeps it
+    expected = torch.einsum("bhd,hkd->bhk", query[:, :, 0].double() + v.double(), position_head.double()) * 0.3
+    out = modeling.scaled_position_scores(query, position_head, v, 0.3)
+    assert out.shape == (batch, n_head, 1, klen) and out.dtype == torch.float32
+    torch.testing.assert_close(out[:, :, 0].double(), expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("split", [True, False])
 def test_loaded_weights_are_aligned_and_stay_tied(tmp_path, monkeypatch, split):
     from transformers import AutoModelForCausalLM
 
     import hf_txl.modeling_txl as modeling
 
-    monkeypatch.setattr(modeling, "split_product_wins", lambda: split)
+    monkeypatch.setattr(modeling, "column_products_win", lambda: split)
 
     model = TxlForCausalLM(tiny_config(mem_len=4)).eval()
     model.save_pretrained(tmp_path)
