@@ -512,11 +512,11 @@ def bare_step(args):
     masks, no `generate` loop; the memory's keys/values and position terms are preallocated (``mem_len`` positions,
     the window moving by one per call as in generation). Median seconds per step, eager and (``compile``) under
     ``torch.compile``: what a step costs when only its kernels are left (post-norm, per-layer u/v models only). The
-    kernels are the model's: its few-row products (the split-weight product or ``F.linear``, as
+    kernels are the model's: its few-row products and one-query position term (in the form
     ``column_products_win`` chose) and the head-major keys/values and position terms."""
     import torch.nn.functional as F
 
-    from hf_txl.modeling_txl import column_products_win, split_weight_linear
+    from hf_txl.modeling_txl import column_products_win, scaled_position_scores, split_weight_linear
 
     few_row_linear = split_weight_linear if column_products_win() else F.linear
 
@@ -545,7 +545,7 @@ def bare_step(args):
             kv[:, :, :, -1:].copy_(new_kv.view(1, 1, 2, n_head, d_head).permute(2, 0, 3, 1, 4))
             k, val = kv[0], kv[1]  # [1, H, K, D]
             q = q.view(1, n_head, d_head)  # [1, H, D]
-            position = torch.bmm(r, ((q + v) * scale).permute(1, 2, 0)).permute(2, 0, 1)[:, :, None]  # [1, H, 1, K]
+            position = scaled_position_scores(q[:, :, None], r, v, scale)  # [1, H, 1, K], the model's product form
             out = F.scaled_dot_product_attention((q + u)[:, :, None], k, val, attn_mask=position, scale=scale)
             h = F.layer_norm(h + few_row_linear(out.reshape(1, 1, inner), w_o, None), (d_model,), ln1.weight,
                              ln1.bias, ln1.eps)  # fmt: skip
