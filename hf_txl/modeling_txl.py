@@ -232,7 +232,7 @@ def column_products_win() -> bool:
     """Whether this CPU runs one-row products faster as a matrix times a column (``bmm(W, x^T)``:
     :func:`split_weight_linear`, and the one-query position term of :func:`scaled_position_scores`) than as a row
     times a transposed matrix (``F.linear(x, W)``, ``q @ P^T``), by at least ``COLUMN_PRODUCTS_MARGIN``: timed once
-    per process and thread count (about 20 ms, 16 MiB of float32 weights, beyond the L2 caches). The answer is the
+    per process and thread count (about 25 ms, 16 MiB of float32 weights, beyond the L2 caches). The answer is the
     machine's: on AMD EPYC torch's one-row ``F.linear`` reads weights at about a third of the memory bandwidth and
     the split product about 3x faster; on Intel Xeon (Sapphire Rapids) ``F.linear`` reads at close to it and the
     split product 2-3x slower (``bench/bench_gemv.py``). Both forms compute the same product; they may differ in the
