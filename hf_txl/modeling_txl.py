@@ -145,7 +145,8 @@ class _WordDropout(torch.autograd.Function):
         threshold = round(p * 65536)  # P(keep) = 1 - threshold / 2^16
         words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device)
         words.random_(-(2**63), 2**63 - 1)  # uniform over (almost) all 64-bit patterns
-        keep = words.view(torch.int16)[: x.numel()].view(x.shape) >= threshold - 32768
+        keep = torch.empty(x.shape, dtype=torch.uint8, device=x.device)  # 0 / 1, one byte per element
+        torch.ge(words.view(torch.int16)[: x.numel()].view(x.shape), threshold - 32768, out=keep)
         ctx.scale = 65536 / (65536 - threshold)
         ctx.save_for_backward(keep)
         return _keep_scaled(x, keep, ctx.scale)
@@ -157,17 +158,20 @@ class _WordDropout(torch.autograd.Function):
 
 
 def _keep_scaled(x, keep, scale):
-    # `where` with a 0-dim zero and an in-place scale: no float copy of the bool mask (x * keep makes one).
-    return torch.where(keep, x, x.new_zeros(())).mul_(scale)
+    """``x * keep * scale`` in one pass, ``keep`` a uint8 0 / 1 mask (``x``'s dtype out). Bool masks take slow
+    kernels on the CPU: ``where`` or ``masked_fill`` with a bool mask, or a comparison writing bool, are 2.5-10x
+    slower than the uint8 forms (``bench/bench_kernels.py``)."""
+    return torch.addcmul(x.new_zeros(()), x, keep, value=scale)
 
 
 def fast_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Inverted dropout, ``x * keep / P(keep)``, with a cheaper random mask on the CPU.
 
     ``F.dropout`` on the CPU draws one Bernoulli sample per element from the Mersenne twister; drawing 64-bit
-    words and comparing their 16-bit pieces with ``p`` is 3x faster, and dropout is a quarter of a small model's
-    training step there. ``p`` is rounded to a multiple of 2^-16 and the scale uses the rounded value, so the
-    output stays unbiased. Other devices (fused dropout kernels already) and ``p`` in {0, 1} use ``F.dropout``.
+    words and comparing their 16-bit pieces with ``p`` into a uint8 mask is 3-6x faster, and dropout is a quarter
+    of a small model's training step there. ``p`` is rounded to a multiple of 2^-16 and the scale uses the rounded
+    value, so the output stays unbiased. Other devices (fused dropout kernels already) and ``p`` in {0, 1} use
+    ``F.dropout``.
     """
     if not training or p == 0.0:
         return x
@@ -356,14 +360,23 @@ def scaled_position_scores(query, position_head, v, scaling) -> torch.Tensor:
     return _ShiftedView.apply(torch.matmul(query + v[:, None, :], r_padded))  # [B, H, T, K]
 
 
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``allowed`` (bool, any shape) as scores to add: 0 where allowed, ``finfo(dtype).min`` where hidden. After
+    the addition a hidden score is ``finfo.min`` as ``masked_fill`` gives (float32 / bf16: scores are far below its
+    rounding step; float16: within a few units of it), so softmax gives it exactly zero probability and gradient.
+    Computed through the mask's bytes: bool kernels are slow on the CPU (see :func:`_keep_scaled`)."""
+    return (allowed.view(torch.uint8).to(dtype) - 1) * torch.finfo(dtype).max
+
+
 def sdpa_rel_attention(module, query, key, value, position_head, allowed, *, u, v, scaling, dropout=0.0, **kwargs):
     """The maths of :func:`eager_rel_attention` with fewer passes over the ``[B, H, T, K]`` scores
     (``attn_implementation="sdpa"``, the default).
 
-    * BD needs no shift copy and carries the scale 1/sqrt(D) (:func:`scaled_position_scores`); the mask is applied
-      once, to BD.
+    * BD needs no shift copy and carries the scale 1/sqrt(D) (:func:`scaled_position_scores`); the mask is added
+      once, to BD, as ``0`` / ``finfo.min`` (:func:`additive_mask`: one pass that also makes BD contiguous, and no
+      gradient pass: softmax already gives hidden keys a zero gradient).
     * Without gradients BD is the additive ``attn_mask`` of ``F.scaled_dot_product_attention`` (fused kernels). With
-      them (SDPA cannot return a gradient for its mask) one ``baddbmm`` adds AC into BD, and dropout is
+      them (SDPA cannot return a gradient for its mask) one in-place ``baddbmm_`` adds AC into BD, and dropout is
       :func:`fast_dropout`.
 
     Same arguments and shapes as :func:`eager_rel_attention`; returns the output and None.
@@ -372,7 +385,7 @@ def sdpa_rel_attention(module, query, key, value, position_head, allowed, *, u, 
     klen = key.shape[2]
     position_scores = scaled_position_scores(query, position_head, v, scaling)  # BD * scale: [B, H, T, K]
     if allowed is not None:
-        position_scores = position_scores.masked_fill(~allowed[:, None], torch.finfo(position_scores.dtype).min)
+        position_scores = position_scores + additive_mask(allowed, position_scores.dtype)[:, None]
     needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or position_head.requires_grad)
     if not needs_grad and dropout == 0.0:
         out = F.scaled_dot_product_attention(
@@ -381,8 +394,12 @@ def sdpa_rel_attention(module, query, key, value, position_head, allowed, *, u, 
         return out.transpose(1, 2).contiguous(), None  # [B, T, H, D]
     content_query = (query + u[:, None, :]).reshape(batch * n_head, qlen, d_head)  # [B*H, T, D]
     keys = key.reshape(batch * n_head, klen, d_head).transpose(1, 2)  # [B*H, D, K]
-    # AC * scale + (BD * scale, masked) in one GEMM that accumulates into the position term.
-    scores = torch.baddbmm(position_scores.reshape(batch * n_head, qlen, klen), content_query, keys, alpha=scaling)
+    # AC * scale + (BD * scale, masked) in one GEMM that accumulates into (a fresh copy of) the position term.
+    if allowed is None:
+        position_scores = position_scores.clone(memory_format=torch.contiguous_format)
+    dtype = position_scores.dtype  # in-place ops skip autocast: cast as autocast casts baddbmm's operands
+    scores = position_scores.view(batch * n_head, qlen, klen)
+    scores.baddbmm_(content_query.to(dtype), keys.to(dtype), alpha=scaling)
     # bf16 / fp16 scores: torch's softmax kernels accumulate in float32 and round once, so the probabilities equal the
     # eager reference's float32 softmax cast back, without the two casts (and their backward) over [B*H, T, K].
     probs = fast_dropout(torch.softmax(scores, dim=-1).to(value.dtype), dropout, module.training)

@@ -20,6 +20,7 @@ from conftest import eager_and_fast, left_padding, tiny_config
 from hf_txl import TxlCache, TxlForCausalLM
 from hf_txl.modeling_txl import (
     TxlModel,
+    additive_mask,
     causal_memory_mask,
     fast_dropout,
     sees_every_key,
@@ -414,6 +415,38 @@ def test_fast_dropout_gradient_is_the_same_mask_and_scale():
     torch.testing.assert_close(x.grad, grad * scale)
     small = x.detach()[:6, :5].clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda t: fast_dropout_seeded(t, 0.3), (small,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_fast_dropout_equals_the_bool_mask_form_of_the_same_random_words(dtype):
+    """The uint8 mask and addcmul give exactly what comparing the words into bool and ``where`` give."""
+    x = torch.randn(5, 7, 9, dtype=dtype)
+    torch.manual_seed(11)
+    out = fast_dropout(x, 0.25, training=True)
+    torch.manual_seed(11)
+    words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
+    threshold = round(0.25 * 65536)
+    keep = words.view(torch.int16)[: x.numel()].view(x.shape) >= threshold - 32768
+    expected = torch.where(keep, x, torch.zeros((), dtype=dtype)).mul_(65536 / (65536 - threshold))
+    assert out.dtype == dtype and torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_additive_mask_equals_masked_fill_after_the_addition(dtype):
+    torch.manual_seed(0)
+    allowed = torch.rand(2, 1, 6, 9) > 0.4
+    bias = additive_mask(allowed, dtype)
+    lowest = torch.finfo(dtype).min
+    assert bias.dtype == dtype and torch.equal(bias, torch.zeros((), dtype=dtype).masked_fill(~allowed, lowest))
+    scores = (torch.randn(2, 3, 6, 9) * 8).to(dtype)  # broadcast over heads, as in sdpa_rel_attention
+    masked = scores.masked_fill(~allowed, lowest)
+    added = scores + bias
+    assert torch.equal(added[allowed.expand_as(scores)], masked[allowed.expand_as(scores)])
+    hidden = added[~allowed.expand_as(scores)]
+    assert bool((hidden < lowest / 2).all())  # finfo.min, or within a few scores of it in float16
+    torch.testing.assert_close(added.float().softmax(-1), masked.float().softmax(-1), rtol=0, atol=0)
+    non_contiguous = allowed.transpose(-1, -2)  # the byte view works on any strides
+    assert torch.equal(additive_mask(non_contiguous, dtype), bias.transpose(-1, -2))
 
 
 def fast_dropout_seeded(x, p):
