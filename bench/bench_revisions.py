@@ -9,9 +9,11 @@
 the change with the machine's drift. This script alternates the two checkouts (each timing in a fresh process that
 imports hf_txl from that checkout), ``--rounds`` times each, and prints medians and the ratio.
 
-Rows: the mid config of ``bench_speed.py`` with ``mem_len`` 512, greedy ``generate()`` after a 512-token prompt
-(ms per token: 96 new tokens minus 32 new tokens, over 64); the small config, 40 segments of 64 tokens with memory and
-labels, batch 8 (tokens/s).
+Rows (``--rows``, default all): ``generate``: the mid config of ``bench_speed.py`` with ``mem_len`` 512, greedy
+``generate()`` after a 512-token prompt (ms per token: 96 new tokens minus 32 new tokens, over 64); ``evaluate``: the
+small config, 40 segments of 64 tokens with memory and labels, batch 8 (tokens/s); ``train_small`` / ``train_mid``:
+the training rows of ``bench_speed.py`` (dropout 0.1, memory carried, fused AdamW; ms per step, median of 8 after 3
+warm-up steps).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import sys
 from pathlib import Path
 
 WORKER = r"""
-import json, sys, time
+import json, statistics, sys, time
 sys.path.insert(0, sys.argv[1])
 import torch
 import hf_txl
@@ -37,30 +39,62 @@ torch.manual_seed(0)
 mid = TxlConfig(vocab_size=204, d_model=512, n_layer=6, n_head=8, d_head=64, d_inner=2048, mem_len=512, dropout=0.0)
 model = TxlForCausalLM(mid).eval()
 prompt = torch.randint(0, 204, (1, 512))
-model.generate(prompt, max_new_tokens=8, do_sample=False)  # warm-up
-generate = []
-for _ in range(3):
-    start = time.perf_counter()
-    model.generate(prompt, max_new_tokens=96, do_sample=False)
-    middle = time.perf_counter()
-    model.generate(prompt, max_new_tokens=32, do_sample=False)
-    generate.append(((middle - start) - (time.perf_counter() - middle)) / 64 * 1000)
-small = TxlConfig(vocab_size=204, d_model=256, n_layer=4, n_head=4, d_head=64, d_inner=1024, mem_len=64, dropout=0.0)
-model = TxlForCausalLM(small).eval()
-text = torch.randint(0, 204, (8, 64 * 40))
-evaluate = []
-with torch.no_grad():
+rows, result = sys.argv[2].split(","), {}
+if "generate" in rows:
+    model.generate(prompt, max_new_tokens=8, do_sample=False)  # warm-up
+    generate = []
     for _ in range(3):
-        mems, start = None, time.perf_counter()
-        for segment in text.split(64, dim=1):
-            mems = model(segment, mems=mems, labels=segment).mems
-        evaluate.append(text.numel() / (time.perf_counter() - start))
-print(json.dumps({"generate": sorted(generate)[1], "evaluate": sorted(evaluate)[1]}))
+        start = time.perf_counter()
+        model.generate(prompt, max_new_tokens=96, do_sample=False)
+        middle = time.perf_counter()
+        model.generate(prompt, max_new_tokens=32, do_sample=False)
+        generate.append(((middle - start) - (time.perf_counter() - middle)) / 64 * 1000)
+    result["generate"] = sorted(generate)[1]
+small = TxlConfig(vocab_size=204, d_model=256, n_layer=4, n_head=4, d_head=64, d_inner=1024, mem_len=64, dropout=0.0)
+if "evaluate" in rows:
+    model = TxlForCausalLM(small).eval()
+    text = torch.randint(0, 204, (8, 64 * 40))
+    evaluate = []
+    with torch.no_grad():
+        for _ in range(3):
+            mems, start = None, time.perf_counter()
+            for segment in text.split(64, dim=1):
+                mems = model(segment, mems=mems, labels=segment).mems
+            evaluate.append(text.numel() / (time.perf_counter() - start))
+    result["evaluate"] = sorted(evaluate)[1]
+for name, config, tgt_len in (("train_small", small, 64), ("train_mid", mid, 128)):
+    if name not in rows:
+        continue
+    config.dropout, config.mem_len = 0.1, tgt_len
+    torch.manual_seed(0)
+    model = TxlForCausalLM(config).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2.5e-4, fused=True)
+    mems, times = None, []
+    for step in range(11):
+        ids = torch.randint(0, 204, (8, tgt_len))
+        start = time.perf_counter()
+        out = model(ids, mems=mems, labels=ids)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        mems = out.mems
+        times.append(time.perf_counter() - start)
+    result[name] = statistics.median(times[3:]) * 1000
+print(json.dumps(result))
 """
 
 
-def measure(python: str, checkout: Path) -> dict:
-    out = subprocess.run([python, "-c", WORKER, str(checkout)], capture_output=True, text=True, check=True)
+ROWS = {  # name: (label, unit)
+    "generate": ("generate mid, 512 after 512", "ms/token"),
+    "evaluate": ("eval small with memory", "tok/s"),
+    "train_small": ("train small fp32 step", "ms/step"),
+    "train_mid": ("train mid fp32 step", "ms/step"),
+}
+
+
+def measure(python: str, checkout: Path, rows: list[str]) -> dict:
+    command = [python, "-c", WORKER, str(checkout), ",".join(rows)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -69,7 +103,11 @@ def main(argv=None) -> int:
     p.add_argument("before", type=Path, help="checkout A (e.g. a worktree of the commit before a change)")
     p.add_argument("after", type=Path, help="checkout B")
     p.add_argument("--rounds", type=int, default=3, help="fresh processes per checkout, alternating (default 3)")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows (default all: {','.join(ROWS)})")
     args = p.parse_args(argv)
+    rows = args.rows.split(",")
+    if unknown := set(rows) - set(ROWS):
+        p.error(f"--rows: unknown {sorted(unknown)}; choose from {', '.join(ROWS)}.")
     sides = {"before": args.before.resolve(), "after": args.after.resolve()}
     for name, path in sides.items():
         if not (path / "hf_txl" / "__init__.py").exists():
@@ -78,11 +116,11 @@ def main(argv=None) -> int:
     for round_ in range(args.rounds):
         order = list(sides) if round_ % 2 == 0 else list(reversed(sides))  # who goes first alternates too
         for name in order:
-            results[name].append(measure(sys.executable, sides[name]))
+            results[name].append(measure(sys.executable, sides[name], rows))
             print(f"round {round_ + 1} {name}: {results[name][-1]}", flush=True)
-    rows = [("generate mid, 512 after 512", "generate", "ms/token"), ("eval small with memory", "evaluate", "tok/s")]
     print("\n| row | before | after | unit | after / before |\n|---|---:|---:|---|---:|")
-    for label, key, unit in rows:
+    for key in rows:
+        label, unit = ROWS[key]
         before = statistics.median(r[key] for r in results["before"])
         after = statistics.median(r[key] for r in results["after"])
         print(f"| {label} | {before:,.2f} | {after:,.2f} | {unit} | {after / before:.3f} |")
