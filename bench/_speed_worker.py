@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import gc
 import json
+import math
 import os
 import resource
 import statistics
@@ -480,6 +481,53 @@ def gemm(args):
     return {"flops": 2 * n**3 / best}
 
 
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::baddbmm_")
+
+
+def gemm_flops(name, shapes):
+    """FLOPs of one recorded matrix product, from its operands' shapes."""
+    first, second = shapes[1:3] if name.startswith(("aten::addmm", "aten::baddbmm")) else shapes[:2]
+    return 2 * math.prod(first) * second[-1]
+
+
+def train_gemms(args):
+    """(txl) The training step's matrix products alone: one step's mm / addmm / bmm / baddbmm calls recorded (as
+    the CPU kernels see them: shapes, strides, dtypes, scalars), then replayed on fresh tensors of the same layouts
+    without autograd; seconds per replay (median) and the recorded FLOPs. The step cannot be faster than this (the
+    ceiling of its achieved fraction of the GEMM peak, at these shapes)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, f_args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func._schema.name in GEMM_OPS:
+                spec = [(tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a for a in f_args]
+                calls.append((func, spec, dict(kwargs)))
+            return func(*f_args, **kwargs)
+
+    one = dict(args, warmup=2, steps=1)
+    train(one)  # warm-up (and the optimizer's state)
+    with Record():
+        train(dict(one, warmup=0))
+    gen = torch.Generator().manual_seed(0)
+
+    def tensor(shape, stride, dtype):
+        return torch.empty_strided(shape, stride, dtype=dtype).copy_(torch.randn(shape, generator=gen))
+
+    replay = [(func, [tensor(*a) if isinstance(a, tuple) else a for a in spec], kwargs) for func, spec, kwargs in calls]
+    times = []
+    with torch.no_grad():
+        for _ in range(args.get("repeats", 5) + 1):
+            t0 = time.perf_counter()
+            for func, f_args, kwargs in replay:
+                func(*f_args, **kwargs)
+            times.append(time.perf_counter() - t0)
+    flops = sum(gemm_flops(func._schema.name, [a[0] for a in spec if isinstance(a, tuple)]) for func, spec, _ in calls)
+    return {"seconds": statistics.median(times[1:]), "flops": flops, "calls": len(calls)}
+
+
 def weight_stream(args):
     """(txl) The matrix-vector products of one generation step alone: every weight a token must read (the
     layers' q/k/v, output and feed-forward projections, and the output layer; W_{k,R} R is cached), applied to one
@@ -578,7 +626,8 @@ def bare_step(args):
 COMMANDS = dict(build=build, load=load, compile=compile_model, logprobs=logprobs, train=train, evaluate=evaluate,
                 generate=generate, recompute=recompute, table9=table9, gemm=gemm,
                 weight_stream=weight_stream, bare_step=bare_step, bandwidth=bandwidth, step_bytes=step_bytes,
-                to_dtype=to_dtype, generate_batch=generate_batch, generate_alone=generate_alone)  # fmt: skip
+                to_dtype=to_dtype, generate_batch=generate_batch, generate_alone=generate_alone,
+                train_gemms=train_gemms)  # fmt: skip
 
 
 def keep_freed_memory():

@@ -364,6 +364,17 @@ def main(argv=None):
                     f"(hf_txl); ref {results[f'{name}_train_{precision}_ref_fraction_of_peak']:.0%} (same FLOP count)",
                     flush=True,
                 )
+                alone = GUARD.call(workers["txl"], "train_gemms", autocast=autocast, repeats=3 if quick else 5,
+                                   **{k: v for k, v in common.items() if k not in steps})  # fmt: skip
+                results[f"{name}_train_{precision}_gemms_alone"] = alone
+                print(
+                    f"    the step's {alone['calls']} matrix products alone (recorded, replayed): "
+                    f"{alone['seconds'] * 1e3:.1f} ms, {alone['flops'] / alone['seconds'] / 1e9:.0f} GFLOP/s = "
+                    f"{alone['flops'] / alone['seconds'] / peak[dtype]:.0%} of the peak (this row's ceiling at these "
+                    f"shapes); step / products alone = {r['txl']['seconds'] / alone['seconds']:.2f}; recorded "
+                    f"FLOPs / train_flops = {alone['flops'] / flops:.3f}",
+                    flush=True,
+                )
             r = side_by_side(workers, "evaluate", reps, autocast=autocast, **common)
             results[f"{name}_eval_{precision}"] = r
             tps = {s: tokens / r[s]["seconds"] for s in r}
