@@ -11,6 +11,7 @@
 * ``split_weight_linear`` (what hf_txl's generation steps run on the CPU): the same ``[out, in]`` weights as one
   ``bmm`` over blocks of their output rows;
 * ``F.linear`` with bf16 weights and input (half the bytes), and its time relative to fp32;
+* ``one_row_linear`` (``addmv``, what hf_txl's bf16 / fp16 generation steps run on the CPU) with the bf16 weights;
 * the copy rate of a 512 MiB tensor (read + write) and the read-only rate (a sum), for comparison.
 
 Then, with all threads, ``F.linear`` against ``split_weight_linear`` for 1 to 512 input rows over the mid config's
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hf_txl.modeling_txl import split_weight_linear  # noqa: E402
+from hf_txl.modeling_txl import one_row_linear, split_weight_linear  # noqa: E402
 from hf_txl.training import keep_freed_memory_in_process  # noqa: E402
 
 
@@ -55,8 +56,8 @@ def main() -> None:
     src = torch.empty(512 * 2**20 // 4).uniform_()  # written: untouched pages would read as the zero page
     dst = torch.empty_like(src)
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
-    header = ("threads", "linear fp32", "x @ W_t fp32", "split bmm fp32", "linear bf16", "bf16/fp32 time", "copy",
-              "read (sum)")  # fmt: skip
+    header = ("threads", "linear fp32", "x @ W_t fp32", "split bmm fp32", "linear bf16", "bf16/fp32 time",
+              "addmv bf16", "copy", "read (sum)")  # fmt: skip
     print(" | ".join(header))
     for threads in (1, 2):
         torch.set_num_threads(threads)
@@ -64,11 +65,13 @@ def main() -> None:
         transposed = best_seconds(lambda: [x @ w for w in weights_t])
         split = best_seconds(lambda: [split_weight_linear(x, w, None) for w in weights])
         bf16 = best_seconds(lambda: [F.linear(x_bf16, w) for w in weights_bf16])
+        addmv = best_seconds(lambda: [one_row_linear(x_bf16, w, None) for w in weights_bf16])
         copy = best_seconds(lambda: dst.copy_(src), inner=2)
         read = best_seconds(lambda: src.sum(), inner=2)
         cells = (
             f"{threads}", f"{fp32_bytes / linear / 1e9:.1f} GB/s", f"{fp32_bytes / transposed / 1e9:.1f} GB/s",
             f"{fp32_bytes / split / 1e9:.1f} GB/s", f"{fp32_bytes / 2 / bf16 / 1e9:.1f} GB/s", f"{bf16 / linear:.2f}x",
+            f"{fp32_bytes / 2 / addmv / 1e9:.1f} GB/s",
             f"{2 * src.numel() * 4 / copy / 1e9:.1f} GB/s", f"{src.numel() * 4 / read / 1e9:.1f} GB/s",
         )  # fmt: skip
         print(" | ".join(cells))

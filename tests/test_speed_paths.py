@@ -610,6 +610,70 @@ def test_project_takes_the_split_product_only_for_few_rows_of_float32_inference(
         torch.testing.assert_close(out, real_linear(few, layer.weight, layer.bias), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 1, 24), (1, 24), (24,)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_one_row_linear_equals_linear(dtype, shape, bias):
+    from hf_txl.modeling_txl import one_row_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64)
+    weight = torch.randn(40, 24, dtype=torch.float64)
+    b = torch.randn(40, dtype=torch.float64) if bias else None
+    exact = F.linear(x, weight, b)
+    low = (x.to(dtype), weight.to(dtype), None if b is None else b.to(dtype))
+    out = one_row_linear(*low)
+    assert out.shape == exact.shape and out.dtype == dtype
+    tolerance = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]  # low-precision inputs
+    torch.testing.assert_close(out.double(), exact, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(out, F.linear(*low), atol=tolerance / 10, rtol=tolerance / 10)  # F.linear's rounding
+
+
+def test_project_takes_addmv_only_for_one_row_of_bf16_or_fp16_inference(monkeypatch):
+    import hf_txl.modeling_txl as modeling
+
+    calls = []
+    real = modeling.one_row_linear
+    monkeypatch.setattr(modeling, "one_row_linear", lambda *args: calls.append(1) or real(*args))
+    layer = torch.nn.Linear(16, 8).bfloat16()
+
+    def taken(x, module=layer) -> bool:
+        calls.clear()
+        out = modeling.project(module, x)
+        assert out.dtype == x.dtype and out.shape == (*x.shape[:-1], 8)
+        reference = F.linear(x.float(), module.weight.float(), module.bias.float()).to(x.dtype)
+        torch.testing.assert_close(out, reference, atol=5e-2, rtol=2e-2)
+        return bool(calls)
+
+    one, three = torch.randn(1, 1, 16).bfloat16(), torch.randn(3, 1, 16).bfloat16()
+    with torch.no_grad():
+        assert taken(one)
+        assert taken(one.half(), torch.nn.Linear(16, 8).half())
+        assert not taken(three)  # several rows: the matrix product
+        assert not taken(one.float(), torch.nn.Linear(16, 8))  # float32 has its own choice (column_products_win)
+        with pytest.raises(RuntimeError, match="same dtype"):  # mixed dtypes: the layer decides (and raises)
+            modeling.project(torch.nn.Linear(16, 8), one)
+        assert not calls
+    assert not taken(one)  # gradients enabled: the layer itself (autograd)
+
+
+def test_bf16_generation_with_one_row_products_equals_the_layers_products(monkeypatch):
+    import hf_txl.modeling_txl as modeling
+
+    torch.manual_seed(0)
+    model = TxlForCausalLM(tiny_config()).eval().to(torch.bfloat16)
+    prompt = torch.randint(1, 40, (1, 9))
+    calls, real = [], modeling.one_row_linear
+    monkeypatch.setattr(modeling, "one_row_linear", lambda *args: calls.append(1) or real(*args))
+    kwargs = dict(max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    fast = model.generate(prompt, **kwargs)
+    assert len(calls) >= 11 * 2 * 4  # every step after the prompt: 4 projections per layer (qkv, o, fc_in, fc_out)
+    monkeypatch.setattr(modeling, "one_row_linear", lambda x, weight, bias: F.linear(x, weight, bias))
+    reference = model.generate(prompt, **kwargs)
+    assert torch.equal(fast.sequences, reference.sequences)
+    torch.testing.assert_close(torch.stack(fast.scores), torch.stack(reference.scores), atol=5e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("split_over_linear_time, expected", [(0.3, True), (0.79, True), (0.9, False), (2.0, False)])
 def test_the_split_product_is_taken_where_it_is_measured_faster_by_the_margin(
     monkeypatch, split_over_linear_time, expected
