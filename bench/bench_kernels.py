@@ -22,7 +22,6 @@ Every pair is checked equal before it is timed.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench_speed import cpu_info  # noqa: E402  (the machine header of bench_speed.py)
+
 from hf_txl.modeling_txl import _keep_scaled, additive_mask  # noqa: E402
 from hf_txl.training import keep_freed_memory_in_process  # noqa: E402
 
@@ -48,16 +49,6 @@ def interleaved_ms(slow, fast, repeats: int) -> tuple[float, float]:
     return statistics.median(times[0]) * 1000, statistics.median(times[1]) * 1000
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -71,8 +62,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     kept = not args.default_allocator and keep_freed_memory_in_process()
-    print(f"{cpu_name()}; torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"{torch.get_num_threads()} threads; allocator keeps freed memory: {kept}")  # fmt: skip
+    cpu = cpu_info()
+    print(f"{cpu['model']} ({' '.join(cpu['flags'])}); torch {torch.__version__}, capability "
+          f"{cpu['torch_capability']}, {torch.get_num_threads()} threads; keeps freed memory: {kept}")  # fmt: skip
     gen = torch.Generator().manual_seed(0)
     batch, n_head, qlen, klen, d_inner = 8, 8, 128, 256, 2048  # the mid config of bench_speed.py
     rows = []

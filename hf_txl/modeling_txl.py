@@ -204,8 +204,6 @@ FEW_ROWS = 128  # up to this many input rows (batch x tokens), CPU inference may
 PLAIN_TENSOR_TYPES = (nn.Parameter, torch.Tensor)
 COLUMN_PRODUCTS_WIN: dict[int, bool] = {}  # by torch thread count: measured once per process (column_products_win)
 COLUMN_PRODUCTS_MARGIN = 1.25  # the matrix-times-column form must be this much faster to be taken
-
-
 REDUCED_FLOATS = (torch.bfloat16, torch.float16)  # one row in these takes addmv (one_row_linear)
 
 
