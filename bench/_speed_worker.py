@@ -164,10 +164,15 @@ def maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def forward(ids, mems, labels=None):
+def forward(ids, mems, labels=None, in_place=False):
+    """One segment; ``in_place`` (hf_txl, evaluation): the memory passed as ``cache=`` and updated in place, as
+    hf_txl's ``evaluate()`` does, instead of ``mems=`` (left as it was, as ``scripts/train.py`` passes it)."""
     if SIDE == "ref":
         out = MODEL(input_ids=ids, mems=mems, labels=labels)
         return out, out.mems
+    if in_place:
+        out = MODEL(input_ids=ids, cache=mems, labels=labels)
+        return out, out.cache
     out = MODEL(input_ids=ids, mems=mems, labels=labels)
     return out, out.mems
 
@@ -243,7 +248,7 @@ def evaluate(args):
         for step in range(args["warmup"] + args["steps"]):
             ids = torch.randint(0, vocab, (batch, tgt_len), generator=gen)
             t0 = time.perf_counter()
-            out, mems = forward(ids, mems, labels=ids)
+            out, mems = forward(ids, mems, labels=ids, in_place=True)
             float(out.loss)
             if step >= args["warmup"]:
                 times.append(time.perf_counter() - t0)

@@ -64,14 +64,19 @@ class MemoryStore:
         self.capacity = hidden[0].shape[1]
         self.version = 0
         self.protected = 0
+        self.shared = False  # whether a fork (another TxlCache) may read this store
+
+    @staticmethod
+    def layer_buffers(batch, capacity, d_model, heads, dtype, kv_dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's empty hidden states ``[B, C, d_model]`` and keys/values ``[2, B, H, C, D]`` (heads: (H, D))."""
+        n_head, d_head = heads
+        hidden = torch.empty(batch, capacity, d_model, dtype=dtype, device=device)
+        return hidden, torch.empty(2, batch, n_head, capacity, d_head, dtype=kv_dtype, device=device)
 
     @classmethod
     def empty(cls, n_layer, batch, capacity, d_model, heads, dtype, kv_dtype, device) -> MemoryStore:
-        """``heads``: (H, D)."""
-        hidden = [torch.empty(batch, capacity, d_model, dtype=dtype, device=device) for _ in range(n_layer)]
-        n_head, d_head = heads
-        kv = [torch.empty(2, batch, n_head, capacity, d_head, dtype=kv_dtype, device=device) for _ in range(n_layer)]
-        return cls(hidden, kv)
+        buffers = [cls.layer_buffers(batch, capacity, d_model, heads, dtype, kv_dtype, device) for _ in range(n_layer)]
+        return cls([hidden for hidden, _ in buffers], [kv for _, kv in buffers])
 
     def write_padding(self, start: int, key_is_real: torch.Tensor | None) -> None:
         """Record which of the positions ``[start, start + width)`` are real tokens."""
@@ -308,6 +313,7 @@ class TxlCache(Cache):
         other._step = None
         if self.store is not None:  # both now show positions below store_end: neither may overwrite them
             self.store.protected = max(self.store.protected, self.store_end)
+            self.store.shared = True
         return other
 
     def index_select(self, index: torch.Tensor) -> TxlCache:
@@ -448,21 +454,40 @@ class TxlCache(Cache):
 
     def _copy_into_new_store(self, capacity, like, heads, kv_dtype) -> None:
         """Move the memory (with its cached keys/values when there are, and with every earlier position of the store
-        when recording the past) to the start of a new store."""
+        when recording the past) to the start of a new store.
+
+        Layer by layer: unless a fork shares the old store, each layer's old buffers are released once copied (they
+        live on while something else holds a view of them), so the move needs one layer's buffers beyond the memory
+        instead of a second store. If it fails midway the memory is intact (each layer in one store or the other) and
+        the next segment builds a store afresh."""
         mlen, batch, d_model = self.mem_len, like.shape[0], like.shape[-1]
         keep = self.store_end if self.record_past and self.store is not None else mlen  # positions to move
         capacity = capacity + (keep - mlen) + (keep if self.record_past else 0)
-        store = MemoryStore.empty(len(self), batch, capacity, d_model, heads, like.dtype, kv_dtype, like.device)
         keep_kv = self.kv is not None
-        old, begin = self.store, self.store_end - keep
-        for index, layer in enumerate(self.layers):
-            if mlen:
-                source = layer.hidden if keep == mlen else old.hidden[index][:, begin : self.store_end]
-                store.hidden[index][:, :keep].copy_(source)
-                if keep_kv:
-                    source = layer.kv if keep == mlen else old.kv[index][:, :, :, begin : self.store_end]
-                    store.kv[index][:, :, :, :keep].copy_(source)
-        padding = self.padding_mask if keep == mlen or old.real is None else old.real[:, begin : self.store_end]
+        old, begin, end = self.store, self.store_end - keep, self.store_end
+        release = old is not None and not old.shared
+        hidden, kv = [], []
+        try:
+            for index, layer in enumerate(self.layers):
+                new_hidden, new_kv = MemoryStore.layer_buffers(
+                    batch, capacity, d_model, heads, like.dtype, kv_dtype, like.device
+                )
+                if mlen:
+                    new_hidden[:, :keep].copy_(layer.hidden if keep == mlen else old.hidden[index][:, begin:end])
+                    layer.hidden = new_hidden[:, keep - mlen : keep]
+                    if keep_kv:
+                        source = layer.kv if keep == mlen else old.kv[index][:, :, :, begin:end]
+                        new_kv[:, :, :, :keep].copy_(source)
+                        layer.kv = new_kv[:, :, :, keep - mlen : keep]
+                hidden.append(new_hidden)
+                kv.append(new_kv)
+                if release:
+                    old.hidden[index], old.kv[index] = None, None
+        except BaseException:
+            self._drop_store()
+            raise
+        store = MemoryStore(hidden, kv)
+        padding = self.padding_mask if keep == mlen or old.real is None else old.real[:, begin:end]
         store.write_padding(0, padding)
         self.store, self.store_end, self.store_version = store, keep, store.version
         self._point_into_store(keep - mlen, keep, keep_kv=keep_kv)

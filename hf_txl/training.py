@@ -177,8 +177,8 @@ def evaluate_stream(
         for index, batch in enumerate(iterator):
             if index >= steps:
                 break
-            out = unwrapped(input_ids=batch["input_ids"], mems=mems)
-            mems = out.mems
+            out = unwrapped(input_ids=batch["input_ids"], cache=mems)  # updated in place: see MemoryStore
+            mems = out.cache
             logits = out.logits.float().flatten(0, 1)
             nll_sum += F.cross_entropy(logits, batch["shift_labels"].flatten(), reduction="sum").double()
             count += batch["shift_labels"].numel()

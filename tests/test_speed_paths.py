@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from conftest import eager_and_fast, left_padding, tiny_config
 
 from hf_txl import TxlCache, TxlForCausalLM
+from hf_txl.cache_txl import MemoryStore
 from hf_txl.modeling_txl import (
     TxlModel,
     additive_mask,
@@ -274,6 +276,83 @@ def test_memory_store_is_written_in_place_and_equals_recomputation():
     # a new store only when one is full: capacity mem_len + mem_len / 4, so one every 4 steps once the memory is full
     assert 1 < distinct <= len(stores) // 4 + 1, (distinct, len(stores))
     assert stores[-1].capacity == config.mem_len + config.mem_len // 4
+
+
+def test_moving_to_a_new_store_releases_the_old_one_layer_by_layer():
+    """A memory updated in place (``cache=``) that fills its store moves to a new one, and with no fork sharing the
+    old store each layer's old buffers are released as soon as they are copied (the move needs one layer's buffers
+    beyond the memory, not a second store); a view someone still holds keeps its own buffer, unchanged. With a fork
+    sharing the store, nothing of it is released."""
+    config = tiny_config(mem_len=8)
+    model = TxlModel(config).eval()
+    plain = no_cache(copy.deepcopy(model))
+    ids = torch.randint(1, 40, (2, 40))
+    with torch.inference_mode():
+        cache, reference = model(ids[:, :3]).cache, plain(ids[:, :3]).mems
+        held, held_copy, moves = None, None, 0
+        for step in range(3, ids.shape[1]):
+            old = cache.store
+            if step == 20:
+                held = cache[1]  # a view of the old store, kept by the caller
+                held_copy = held.clone()
+            shared = step >= 30
+            fork = cache.fork() if shared else None  # e.g. a `mems=` continuation of this memory
+            buffers = [weakref.ref(t) for t in (*old.hidden, *old.kv)]
+            out = model(ids[:, step : step + 1], cache=cache)
+            reference = plain(ids[:, step : step + 1], mems=reference).mems
+            assert out.cache is cache
+            for layer in range(config.n_layer):
+                torch.testing.assert_close(cache[layer], reference[layer], atol=1e-5, rtol=1e-5)
+            if cache.store is not old:
+                moves += 1
+                if shared:
+                    assert all(t is not None for t in old.hidden + old.kv) and all(b() is not None for b in buffers)
+                    assert fork.store is old
+                else:
+                    assert all(t is None for t in old.hidden + old.kv)
+                    alive = [b() is not None for b in buffers]
+                    expected = [held is not None and b() is not None and b().data_ptr() <= held.data_ptr()
+                                < b().data_ptr() + b().numel() * b().element_size() for b in buffers]  # fmt: skip
+                    assert alive == expected  # only the buffer under the held view survives
+            del fork
+        assert moves >= 4
+        assert torch.equal(held, held_copy)
+
+
+def test_a_failed_move_to_a_new_store_keeps_the_memory(monkeypatch):
+    """If allocating the new store fails midway (out of memory), the memory is intact and the next segment works."""
+    config = tiny_config(mem_len=8, n_layer=3)
+    model = TxlModel(config).eval()
+    plain = no_cache(copy.deepcopy(model))
+    ids = torch.randint(1, 40, (2, 30))
+    with torch.inference_mode():
+        cache, reference = model(ids[:, :8]).cache, plain(ids[:, :8]).mems
+        step = 8
+        while cache.store_end < cache.store.capacity:  # fill the store: the next segment must move
+            model(ids[:, step : step + 1], cache=cache)
+            reference = plain(ids[:, step : step + 1], mems=reference).mems
+            step += 1
+        before = [m.clone() for m in cache]
+        calls, layer_buffers = [], MemoryStore.layer_buffers
+
+        def fail_on_the_last_layer(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("out of memory (simulated)")
+            return layer_buffers(*args, **kwargs)
+
+        monkeypatch.setattr(MemoryStore, "layer_buffers", staticmethod(fail_on_the_last_layer))
+        with pytest.raises(RuntimeError, match="simulated"):
+            model(ids[:, step : step + 1], cache=cache)
+        monkeypatch.undo()
+        assert cache.store is None and cache.seen_tokens == step
+        for layer, m in enumerate(cache):
+            assert torch.equal(m, before[layer])
+        for next_step in range(step, step + 3):
+            out = model(ids[:, next_step : next_step + 1], cache=cache)
+            expected = plain(ids[:, next_step : next_step + 1], mems=reference)
+            reference = expected.mems
+            torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state, atol=1e-5, rtol=1e-5)
 
 
 def test_reusing_an_older_memory_does_not_overwrite_a_newer_one():
