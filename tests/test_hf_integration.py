@@ -2,6 +2,8 @@
 
 import copy
 import json
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -33,6 +35,31 @@ def test_config_defaults_are_the_enwik8_base_model_and_aliases_work():
     assert config.hidden_size == 512 and config.num_hidden_layers == 12 and config.num_attention_heads == 8
     config.hidden_size = 64
     assert config.d_model == 64
+
+
+def test_importing_the_model_leaves_the_data_pipeline_unloaded():
+    """`import hf_txl` for the model alone does not import datasets / pyarrow / pandas (the data pipeline's
+    dependencies); its names load on first use."""
+    code = textwrap.dedent("""
+        import sys
+        import hf_txl
+        from hf_txl import TxlForCausalLM, TxlCharTokenizer
+        heavy = [m for m in ("datasets", "pyarrow", "pandas") if m in sys.modules]
+        assert not heavy, heavy
+        from hf_txl import DEFAULT_CORPUS_PATH, StreamBatcher, load_corpus, tokenize_to_array
+        import hf_txl.data
+        assert load_corpus is hf_txl.data.load_corpus and "datasets" in sys.modules
+        assert set(hf_txl._LAZY_DATA_NAMES) <= set(dir(hf_txl)) and __import__("os").path.exists(DEFAULT_CORPUS_PATH)
+        try:
+            hf_txl.not_a_name
+        except AttributeError as error:
+            assert "not_a_name" in str(error)
+        else:
+            raise AssertionError("no AttributeError")
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
 def test_model_type_does_not_collide_with_transformers():
