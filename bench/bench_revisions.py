@@ -13,7 +13,10 @@ Rows (``--rows``, default all): ``generate``: the mid config of ``bench_speed.py
 ``generate()`` after a 512-token prompt (ms per token: 96 new tokens minus 32 new tokens, over 64); ``evaluate``: the
 small config, 40 segments of 64 tokens with memory and labels, batch 8 (tokens/s); ``train_small`` / ``train_mid``:
 the training rows of ``bench_speed.py`` (dropout 0.1, memory carried, fused AdamW; ms per step, median of 8 after 3
-warm-up steps).
+warm-up steps). Not in the default: ``eval_long`` / ``eval_long_peak``: the mid config evaluated with the enwik8
+evaluation memory (mem_len 2,100, clamp_len 820, same_length, tgt_len 80, batch 1; the memory passed as ``cache=``,
+updated in place), tokens/s over the last 11 of 45 segments and the peak RSS above the process before it (sampled
+after every segment); ``import_s`` / ``import_mib``: ``import hf_txl`` after torch and transformers.
 """
 
 from __future__ import annotations
@@ -26,11 +29,20 @@ import sys
 from pathlib import Path
 
 WORKER = r"""
-import json, statistics, sys, time
+import json, os, statistics, sys, time
 sys.path.insert(0, sys.argv[1])
 import torch
+import transformers
+
+def rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+rows, result = sys.argv[2].split(","), {}
+rss, start = rss_mib(), time.perf_counter()
 import hf_txl
 from hf_txl import TxlConfig, TxlForCausalLM
+result["import_s"], result["import_mib"] = time.perf_counter() - start, rss_mib() - rss
 from hf_txl.training import keep_freed_memory_in_process
 
 assert hf_txl.__file__.startswith(sys.argv[1]), hf_txl.__file__
@@ -39,7 +51,23 @@ torch.manual_seed(0)
 mid = TxlConfig(vocab_size=204, d_model=512, n_layer=6, n_head=8, d_head=64, d_inner=2048, mem_len=512, dropout=0.0)
 model = TxlForCausalLM(mid).eval()
 prompt = torch.randint(0, 204, (1, 512))
-rows, result = sys.argv[2].split(","), {}
+if "eval_long" in rows or "eval_long_peak" in rows:  # first: no freed buffers of other rows to reuse
+    long = TxlConfig(vocab_size=204, d_model=512, n_layer=6, n_head=8, d_head=64, d_inner=2048, mem_len=2100,
+                     clamp_len=820, same_length=True, dropout=0.0)
+    long_model = TxlForCausalLM(long).eval()
+    gen = torch.Generator().manual_seed(1)
+    cache, base, peak, times = None, rss_mib(), 0.0, []
+    with torch.inference_mode():
+        for _ in range(45):  # the memory is full after 27 segments; the store moves every 6-7 after that
+            ids = torch.randint(0, 204, (1, 80), generator=gen)
+            start = time.perf_counter()
+            out = long_model(ids, cache=cache, labels=ids)
+            cache = out.cache
+            float(out.loss)
+            times.append(time.perf_counter() - start)
+            peak = max(peak, rss_mib() - base)
+    result["eval_long"], result["eval_long_peak"] = 80 / statistics.median(times[34:]), peak
+    del long_model, cache, out
 if "generate" in rows:
     model.generate(prompt, max_new_tokens=8, do_sample=False)  # warm-up
     generate = []
@@ -89,7 +117,12 @@ ROWS = {  # name: (label, unit)
     "evaluate": ("eval small with memory", "tok/s"),
     "train_small": ("train small fp32 step", "ms/step"),
     "train_mid": ("train mid fp32 step", "ms/step"),
+    "eval_long": ("eval mid, mem_len 2,100 (cache= in place)", "tok/s"),
+    "eval_long_peak": ("the same: peak RSS above the process before it", "MiB"),
+    "import_s": ("import hf_txl (after torch, transformers)", "s"),
+    "import_mib": ("the same: RSS it adds", "MiB"),
 }
+DEFAULT_ROWS = ("generate", "evaluate", "train_small", "train_mid")
 
 
 def measure(python: str, checkout: Path, rows: list[str]) -> dict:
@@ -103,7 +136,9 @@ def main(argv=None) -> int:
     p.add_argument("before", type=Path, help="checkout A (e.g. a worktree of the commit before a change)")
     p.add_argument("after", type=Path, help="checkout B")
     p.add_argument("--rounds", type=int, default=3, help="fresh processes per checkout, alternating (default 3)")
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows (default all: {','.join(ROWS)})")
+    p.add_argument(
+        "--rows", default=",".join(DEFAULT_ROWS), help=f"comma-separated, of {', '.join(ROWS)} (default: first four)"
+    )
     args = p.parse_args(argv)
     rows = args.rows.split(",")
     if unknown := set(rows) - set(ROWS):
