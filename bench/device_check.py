@@ -1,6 +1,8 @@
 #!/usr/bin/env python
-"""One prepared run of the accelerator paths: fast path == eager reference, cache == recomputation, bf16 training
-follows fp32, ``scripts/train.py`` under bf16, and hf_txl's own speed ratios, on a GPU (or any device).
+"""One prepared run of the accelerator paths: SDPA and flex_attention (eager-mode and, on CUDA, compiled) == the eager
+reference, cache == recomputation, bf16 training follows fp32, ``scripts/train.py`` under bf16, hf_txl's own speed
+ratios, and the training tokens/s of the base models on one device: NVIDIA's WikiText-103 base configuration next to
+its published A100 figures, and the paper's enwik8 base, on a GPU (or any device).
 
     .venv/bin/python bench/device_check.py                  # cuda when available, else cpu
     .venv/bin/python bench/device_check.py --device cpu --quick
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -54,15 +57,27 @@ def config(size: str, **overrides) -> TxlConfig:
     return TxlConfig(**values)
 
 
-def pair(cfg: TxlConfig, device):
-    """The same weights with the eager reference and the fast path."""
+def pair(cfg: TxlConfig, device, implementation: str = "sdpa"):
+    """The same weights with the eager reference and with ``implementation``."""
     torch.manual_seed(0)
     eager = TxlForCausalLM(copy.deepcopy(cfg)).to(device)  # own configs: the implementation lives in the config
     eager.set_attn_implementation("eager")
     fast = TxlForCausalLM(copy.deepcopy(cfg)).to(device)
     fast.load_state_dict(eager.state_dict())
-    fast.set_attn_implementation("sdpa")
+    fast.set_attn_implementation(implementation)
     return eager, fast
+
+
+def guarded(name: str, fn, *args) -> None:
+    """Run one check or timing; an exception is recorded as a failure (with its message) and the run goes on: this
+    script is run once on a lent machine, so one broken part must not hide the others."""
+    try:
+        fn(*args)
+    except Exception as error:  # noqa: BLE001 - reported, counted as a failure
+        check(f"{name} ran", False, error=f"{type(error).__name__}: {str(error)[:300]}")
+        import traceback
+
+        traceback.print_exc()
 
 
 def autocast(device, enabled: bool):
@@ -99,6 +114,41 @@ def check_fast_path_equals_eager(device) -> None:
             check(f"sdpa == eager, pre_lnorm={pre_lnorm}, bf16={bf16}", max_diff(*logits) < tol
                   and max_diff(*grads) < tol * max(1.0, scale),
                   logits_max_diff=max_diff(*logits), grad_max_diff=max_diff(*grads), grad_scale=scale)  # fmt: skip
+
+
+def two_segments(model, ids, mask, bf16: bool, device):
+    """Logits of the second of two segments (the first left-padded in row 0) and the gradient of its loss."""
+    model.zero_grad()
+    with autocast(device, bf16):
+        first = model(ids[:, :24], attention_mask=mask)
+        second = model(ids[:, 24:], mems=first.mems, labels=ids[:, 24:])
+    second.loss.backward()
+    inner = getattr(model, "_orig_mod", model)  # a compiled model's parameters
+    return second.logits.detach(), torch.cat([p.grad.flatten() for p in inner.parameters()])
+
+
+def check_flex_equals_eager(device) -> None:
+    """flex_attention == eager: outputs and gradients over two segments with memory, padding, clamp_len; eager-mode
+    flex (unfused; on the CPU its gradients come from the eager fallback, flex has no CPU backward) and, on CUDA,
+    the model under ``torch.compile`` (the fused flex kernel)."""
+    cfg = config("tiny", clamp_len=20)
+    ids = torch.randint(1, 204, (3, 48), device=device)
+    mask = torch.ones(3, 24, dtype=torch.long, device=device)
+    mask[0, :5] = 0
+    eager, flex = pair(cfg, device, "flex_attention")
+    variants = [("eager-mode", flex)]
+    if device.type == "cuda":
+        variants.append(("compiled", torch.compile(flex)))
+    else:
+        print("      (compiled flex_attention: CUDA only here; the CPU has no fused flex kernel with gradients)")
+    for bf16, tol in ((False, 1e-4), (True, 6e-2)):
+        ref_logits, ref_grads = two_segments(eager, ids, mask, bf16, device)
+        scale = float(ref_grads.abs().max())
+        for label, model in variants:
+            logits, grads = two_segments(model, ids, mask, bf16, device)
+            check(f"flex_attention ({label}) == eager, bf16={bf16}", max_diff(logits, ref_logits) < tol
+                  and max_diff(grads, ref_grads) < tol * max(1.0, scale), logits_max_diff=max_diff(logits, ref_logits),
+                  grad_max_diff=max_diff(grads, ref_grads), grad_scale=scale)  # fmt: skip
 
 
 def check_cached_generation(device) -> None:
@@ -233,6 +283,133 @@ def time_paths(device, quick: bool) -> None:
           f"(x{without / with_memory:.1f})")  # fmt: skip
 
 
+def time_compiled_attention(device, quick: bool) -> None:
+    """(CUDA) The mid config's bf16 training step with SDPA eager-mode, SDPA under ``torch.compile`` and flex_attention
+    under ``torch.compile`` (its fused kernel; ``dropatt`` 0), tokens/s."""
+    if device.type != "cuda":
+        print("      (compiled attention timings: CUDA only)")
+        return
+    batch, tgt = 8, 128
+    row = {}
+    for name, implementation, compiled in (("sdpa", "sdpa", False), ("sdpa_compiled", "sdpa", True),
+                                           ("flex_compiled", "flex_attention", True)):  # fmt: skip
+        torch.manual_seed(0)
+        model = TxlForCausalLM(config("mid", dropout=0.1)).to(device).train()
+        model.set_attn_implementation(implementation)
+        step_model = torch.compile(model, dynamic=False) if compiled else model
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        ids = torch.randint(1, 204, (batch, tgt), device=device)
+        state = {"mems": None}
+
+        def train_step(step_model=step_model, optimizer=optimizer, ids=ids, state=state):
+            with autocast(device, True):
+                out = step_model(ids, mems=state["mems"], labels=ids)
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["mems"] = out.mems
+
+        started = time.time()
+        for _ in range(3):  # compilation (first segment, then with memory)
+            train_step()
+        row[f"{name}_first_steps_s"] = time.time() - started
+        row[f"{name}_tok_s"] = batch * tgt / timed(train_step, 3 if quick else 20, device)
+    RESULTS["timings"]["mid_bf16_train_attention"] = row
+    print("      mid bf16 train: " + ", ".join(f"{k} {v:,.1f}" for k, v in row.items()))
+
+
+# NVIDIA DeepLearningExamples, Transformer-XL for PyTorch (README, "Training performance: NVIDIA DGX A100 (8x A100
+# 40GB)", base model, 1 GPU, batch 32 per GPU, pytorch-20.06 container, LAMB optimizer, apex AMP O2 fp16).
+NVIDIA_WT103_BASE_ONE_A100 = {"tf32": 41_527, "amp": 59_961}
+
+
+def base_model_runs(quick: bool):
+    """(name, config, batch, tgt_len, zipf): NVIDIA's WikiText-103 base (16L, d_model 512, 8 x 64, d_inner 2048,
+    adaptive softmax with cutoffs [19997, 39997, 199997] over 267,735 words, tied, dropout 0.1; tgt = mem = 192,
+    batch 32) and the paper's enwik8 base (12L, 512, 8 x 64, 2048; tgt = mem = 512, batch 22). ``quick``: the same
+    structures at a toy size (a smoke run; its figures compare with nothing)."""
+    wt103 = dict(vocab_size=267_735, cutoffs=[19_997, 39_997, 199_997], div_val=1, d_model=512, n_layer=16,
+                 n_head=8, d_head=64, d_inner=2048, mem_len=192, tie_word_embeddings=True,
+                 proj_share_all_but_first=True)  # fmt: skip
+    enwik8 = dict(vocab_size=204, d_model=512, n_layer=12, n_head=8, d_head=64, d_inner=2048, mem_len=512)
+    runs = [("wt103_base", wt103, 32, 192, True), ("enwik8_base", enwik8, 22, 512, False)]
+    if quick:
+        toy = dict(d_model=64, n_layer=2, n_head=2, d_head=32, d_inner=128, mem_len=32)
+        runs = [("wt103_base", dict(wt103, vocab_size=3000, cutoffs=[200, 400, 2000], **toy), 2, 32, True),
+                ("enwik8_base", dict(enwik8, **toy), 2, 32, False)]  # fmt: skip
+    for name, values, batch, tgt, zipf in runs:
+        yield name, TxlConfig(**values, dropout=0.1, dropatt=0.0, pad_token_id=0), batch, tgt, zipf
+
+
+def time_base_models(device, quick: bool) -> None:
+    """Training tokens/s of the base models on this one device (the ``sdpa`` path, fused AdamW, gradient clipping at
+    0.25, the memory carried): TF32 (CUDA; fp32 elsewhere), AMP fp16 with a GradScaler (NVIDIA's published mode) and
+    AMP bf16. WikiText-103 ids are drawn from a Zipf law (p ~ 1/rank, about 80% in the head cluster as in real text)
+    so that the adaptive softmax does the work it does on real data; NVIDIA's figures are printed next to them (an
+    A100 40GB with LAMB: a different GPU and optimizer, so a reference, not a like-for-like race)."""
+    modes = [("tf32" if device.type == "cuda" else "fp32", None), ("amp_fp16", torch.float16),
+             ("amp_bf16", torch.bfloat16)]  # fmt: skip
+    for name, cfg, batch, tgt, zipf in base_model_runs(quick):
+        weights = 1.0 / torch.arange(1, cfg.vocab_size + 1, dtype=torch.float64)
+        row = {}
+        for mode, dtype in modes:
+            torch.manual_seed(0)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            model = TxlForCausalLM(cfg).to(device).train()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=2.5e-4, fused=device.type == "cuda")
+            scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+            gen = torch.Generator().manual_seed(0)
+            state = {"mems": None, "losses": []}
+
+            def train_step(model=model, optimizer=optimizer, scaler=scaler, state=state, dtype=dtype, gen=gen,
+                           cfg=cfg, batch=batch, tgt=tgt, zipf=zipf, weights=weights):  # fmt: skip
+                if zipf:
+                    ids = torch.multinomial(weights, batch * (tgt + 1), replacement=True, generator=gen)
+                else:
+                    ids = torch.randint(0, cfg.vocab_size, (batch * (tgt + 1),), generator=gen)
+                ids = ids.view(batch, tgt + 1).to(device)
+                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    out = model(ids[:, :-1], mems=state["mems"], shift_labels=ids[:, 1:])
+                scaler.scale(out.loss).backward()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                state["mems"] = out.mems
+                state["losses"].append(out.loss.item())
+
+            tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+            if mode == "tf32":
+                torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+            try:
+                for _ in range(2):
+                    train_step()
+                seconds = timed(train_step, 2 if quick else 10, device)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+            row[f"{mode}_tok_s"] = batch * tgt / seconds
+            if device.type == "cuda":
+                row[f"{mode}_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            finite = all(math.isfinite(loss) for loss in state["losses"])
+            check(f"{name} training, {mode}: finite losses", finite, last_loss=state["losses"][-1])
+            del model, optimizer
+        if name == "wt103_base" and device.type == "cuda" and not quick:
+            row["vs_nvidia_a100_tf32"] = row["tf32_tok_s"] / NVIDIA_WT103_BASE_ONE_A100["tf32"]
+            row["vs_nvidia_a100_amp_fp16"] = row["amp_fp16_tok_s"] / NVIDIA_WT103_BASE_ONE_A100["amp"]
+            row["nvidia_a100_tok_s"] = dict(NVIDIA_WT103_BASE_ONE_A100)
+        RESULTS["timings"][f"{name}_train"] = dict(row, batch=batch, tgt_len=tgt, mem_len=cfg.mem_len)
+        print(f"      {name} train (batch {batch}, tgt {tgt}, mem {cfg.mem_len}): "
+              + ", ".join(f"{k} {v:,.2f}" for k, v in row.items() if not isinstance(v, dict)))  # fmt: skip
+
+
+def write_results(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "device_check.json").write_text(json.dumps(RESULTS, indent=1))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -248,16 +425,21 @@ def main(argv=None) -> int:
     print(f"device: {RESULTS['device']}, torch {torch.__version__}", flush=True)
     assert pair(config("tiny"), device)[0].config._attn_implementation == "eager"
     started = time.time()
-    check_fast_path_equals_eager(device)
-    check_cached_generation(device)
-    check_bf16_training_follows_fp32(device, steps=40 if args.quick else 150)
-    check_train_script(device)
-    time_paths(device, args.quick)
-    RESULTS["seconds"] = time.time() - started
-    RESULTS["failures"] = FAILURES
     out = Path(os.environ.get("OUT") or ROOT / "bench" / "results")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "device_check.json").write_text(json.dumps(RESULTS, indent=1))
+    parts = [
+        ("sdpa == eager", check_fast_path_equals_eager, device),
+        ("flex_attention == eager", check_flex_equals_eager, device),
+        ("cached generation", check_cached_generation, device),
+        ("bf16 training", check_bf16_training_follows_fp32, device, 40 if args.quick else 150),
+        ("scripts/train.py", check_train_script, device),
+        ("speed ratios", time_paths, device, args.quick),
+        ("base models' training", time_base_models, device, args.quick),
+        ("compiled attention", time_compiled_attention, device, args.quick),
+    ]
+    for name, fn, *fn_args in parts:  # results are written after each part: a run cut short keeps what it measured
+        guarded(name, fn, *fn_args)
+        RESULTS["seconds"], RESULTS["failures"] = time.time() - started, FAILURES
+        write_results(out)
     print(f"{len(FAILURES)} failed of {len(RESULTS['checks'])} checks; {RESULTS['seconds']:.0f} s -> {out}")
     return len(FAILURES)
 

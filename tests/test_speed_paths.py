@@ -623,7 +623,37 @@ def test_prepared_device_check_runs_and_passes_on_the_cpu(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "device_check.json").read_text())
-    assert len(report["checks"]) == 8 and all(c["ok"] for c in report["checks"].values())
+    checks = report["checks"]
+    assert all(c["ok"] for c in checks.values()), {name: c for name, c in checks.items() if not c["ok"]}
+    expected = [f"sdpa == eager, pre_lnorm={p}, bf16={b}" for p in (False, True) for b in (False, True)]
+    expected += [f"flex_attention (eager-mode) == eager, bf16={b}" for b in (False, True)]
+    expected += [f"cached generation == recomputation, bf16={b}" for b in (False, True)]
+    expected += ["bf16 training follows fp32", "scripts/train.py --mixed_precision bf16, 20 steps"]
+    expected += [f"{m} training, {mode}: finite losses" for m in ("wt103_base", "enwik8_base")
+                 for mode in ("fp32", "amp_fp16", "amp_bf16")]  # fmt: skip
+    assert sorted(checks) == sorted(expected)
+    for name in ("wt103_base_train", "enwik8_base_train"):
+        timing = report["timings"][name]
+        assert all(timing[f"{mode}_tok_s"] > 0 for mode in ("fp32", "amp_fp16", "amp_bf16")), timing
+
+
+def test_device_check_records_a_broken_part_and_goes_on(tmp_path, capsys):
+    """A part of the one-shot device run that raises is a recorded failure (with its message), not the end of the
+    run, and the results are on disk after every part."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("device_check", root / "bench" / "device_check.py")
+    device_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(device_check)
+    ran = []
+    device_check.guarded("broken part", lambda: 1 / 0)
+    device_check.guarded("next part", lambda: ran.append(True))
+    assert ran == [True] and device_check.FAILURES == ["broken part ran"]
+    assert "ZeroDivisionError" in device_check.RESULTS["checks"]["broken part ran"]["error"]
+    device_check.write_results(tmp_path)
+    assert not json.loads((tmp_path / "device_check.json").read_text())["checks"]["broken part ran"]["ok"]
+    assert "FAIL  broken part ran" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------------
