@@ -421,6 +421,7 @@ def sdpa_rel_attention(module, query, key, value, position_head, allowed, *, u, 
 
 
 FLEX_NO_BACKWARD_DEVICES = ("cpu", "mps")  # where torch's flex_attention refuses inputs that require gradients
+FLEX_NO_COMPILE_DEVICES = ("cpu",)  # where inductor cannot lower this flex_attention (its score_mod reads BD)
 
 
 def flex_rel_attention(module, query, key, value, position_head, allowed, *, u, v, scaling, dropout=0.0, **kwargs):
@@ -440,7 +441,9 @@ def flex_rel_attention(module, query, key, value, position_head, allowed, *, u, 
       warning. Under ``torch.no_grad()`` / ``inference_mode`` the CPU runs flex_attention.
     * Outside ``torch.compile`` flex_attention traces ``score_mod`` / ``mask_mod`` with dynamo (its ``"eager"``
       backend: no C++ compiler or Triton is needed) and runs an unfused implementation that materialises the
-      ``[B, H, T, K]`` scores: correct, not faster than eager. ``torch.compile`` the model for the fused kernel.
+      ``[B, H, T, K]`` scores: correct, not faster than eager. ``torch.compile`` the model for the fused kernel (CUDA).
+      On the CPU inductor cannot lower it (torch 2.13: no kernel choice for a ``score_mod`` that reads a tensor), so
+      there a compiled model runs :func:`sdpa_rel_attention` (the same maths) instead, with a one-time warning.
 
     Same arguments and shapes as :func:`eager_rel_attention`; returns the output and None.
     """
@@ -459,6 +462,17 @@ def flex_rel_attention(module, query, key, value, position_head, allowed, *, u, 
             "reference (same maths) instead. Use torch.no_grad() for inference, or a CUDA device to train with flex."
         )
         return eager_rel_attention(
+            module, query, key, value, position_head, allowed, u=u, v=v, scaling=scaling, dropout=dropout
+        )
+    if query.device.type in FLEX_NO_COMPILE_DEVICES and torch.compiler.is_compiling():
+        from transformers.utils import logging
+
+        logging.get_logger(__name__).warning_once(
+            f"torch.compile cannot lower flex_attention with hf_txl's position term on {query.device.type}: the "
+            "compiled model runs the SDPA implementation (same maths) there. Compile on a CUDA device for flex's "
+            "fused kernel."
+        )
+        return sdpa_rel_attention(
             module, query, key, value, position_head, allowed, u=u, v=v, scaling=scaling, dropout=dropout
         )
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention

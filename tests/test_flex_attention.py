@@ -145,6 +145,26 @@ def test_flex_with_gradients_on_the_cpu_runs_eager_with_the_same_gradients(flex_
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.slow
+def test_compiled_flex_on_the_cpu_runs_sdpa_with_the_same_outputs(flex_calls, caplog):
+    """torch.compile cannot lower this flex_attention on the CPU (no kernel choice for a score_mod reading BD): a
+    compiled flex model there runs the SDPA implementation, with a warning, and computes what eager does."""
+    torch._dynamo.reset()
+    eager, flex = pair(mem_len=6, clamp_len=3)
+    ids = torch.randint(1, 40, (2, 15))
+    mask = left_padding(2, 5, 3)
+    compiled = torch.compile(flex.eval(), dynamic=False)
+    with torch.no_grad(), caplog.at_level("WARNING"):
+        expected = segments(eager.eval(), ids, mask, 5)
+        got = segments(compiled, ids, mask, 5)
+    assert not flex_calls
+    assert "compiled model runs the SDPA implementation" in caplog.text
+    for (logits_e, loss_e), (logits_f, loss_f) in zip(expected, got):
+        torch.testing.assert_close(logits_f, logits_e, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(loss_f, loss_e, atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_flex_greedy_generation_equals_eager(padded, flex_calls):
     eager, flex = pair(mem_len=8, same_length=padded)
