@@ -238,6 +238,22 @@ def timed(fn, repeats: int, device) -> float:
     return statistics.median(times)
 
 
+def train_step_with_memory(model, optimizer, ids, device, bf16: bool):
+    """A training step over ``ids`` (their own labels) that carries the memory from one call to the next."""
+    memory = {"mems": None}
+
+    def step():
+        model.train()
+        with autocast(device, bf16):
+            out = model(ids, mems=memory["mems"], labels=ids)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        memory["mems"] = out.mems
+
+    return step
+
+
 def time_paths(device, quick: bool) -> None:
     batch, tgt = 8, 128
     repeats = 3 if quick else 10
@@ -249,15 +265,7 @@ def time_paths(device, quick: bool) -> None:
                 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
                 ids = torch.randint(1, 204, (batch, tgt), device=device)
                 state = {"mems": None}
-
-                def train_step(model=model, optimizer=optimizer, ids=ids, state=state, bf16=bf16):
-                    model.train()
-                    with autocast(device, bf16):
-                        out = model(ids, mems=state["mems"], labels=ids)
-                    out.loss.backward()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    state["mems"] = out.mems
+                train_step = train_step_with_memory(model, optimizer, ids, device, bf16)
 
                 def eval_step(model=model, ids=ids, state=state, bf16=bf16):
                     model.eval()
@@ -265,7 +273,6 @@ def time_paths(device, quick: bool) -> None:
                         state["mems"] = model(ids, mems=state["mems"]).mems
 
                 row[f"train_{name}_tok_s"] = batch * tgt / timed(train_step, repeats, device)
-                state["mems"] = None
                 row[f"eval_{name}_tok_s"] = batch * tgt / timed(eval_step, repeats, device)
             row["train_speedup"] = row["train_sdpa_tok_s"] / row["train_eager_tok_s"]
             row["eval_speedup"] = row["eval_sdpa_tok_s"] / row["eval_eager_tok_s"]
@@ -299,15 +306,7 @@ def time_compiled_attention(device, quick: bool) -> None:
         step_model = torch.compile(model, dynamic=False) if compiled else model
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         ids = torch.randint(1, 204, (batch, tgt), device=device)
-        state = {"mems": None}
-
-        def train_step(step_model=step_model, optimizer=optimizer, ids=ids, state=state):
-            with autocast(device, True):
-                out = step_model(ids, mems=state["mems"], labels=ids)
-            out.loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["mems"] = out.mems
+        train_step = train_step_with_memory(step_model, optimizer, ids, device, bf16=True)
 
         started = time.time()
         for _ in range(3):  # compilation (first segment, then with memory)
