@@ -93,27 +93,12 @@ def max_diff(a, b) -> float:
 # ----------------------------------------------------------------------------------------------------
 
 
-def check_fast_path_equals_eager(device) -> None:
-    """Outputs and gradients of two segments (the second with memory and left padding in the first), fp32 and bf16."""
-    for pre_lnorm in (False, True):
-        eager, fast = pair(config("tiny", pre_lnorm=pre_lnorm, clamp_len=20), device)
-        ids = torch.randint(1, 204, (3, 48), device=device)
-        mask = torch.ones(3, 24, dtype=torch.long, device=device)
-        mask[0, :5] = 0
-        for bf16, tol in ((False, 1e-4), (True, 6e-2)):
-            grads, logits = [], []
-            for model in (eager, fast):
-                model.zero_grad()
-                with autocast(device, bf16):
-                    first = model(ids[:, :24], attention_mask=mask)
-                    second = model(ids[:, 24:], mems=first.mems, labels=ids[:, 24:])
-                second.loss.backward()
-                logits.append(second.logits.detach())
-                grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-            scale = float(grads[0].abs().max())
-            check(f"sdpa == eager, pre_lnorm={pre_lnorm}, bf16={bf16}", max_diff(*logits) < tol
-                  and max_diff(*grads) < tol * max(1.0, scale),
-                  logits_max_diff=max_diff(*logits), grad_max_diff=max_diff(*grads), grad_scale=scale)  # fmt: skip
+def padded_segments(device):
+    """Ids for two segments of 24 tokens, and a mask for the first that left-pads row 0 by 5."""
+    ids = torch.randint(1, 204, (3, 48), device=device)
+    mask = torch.ones(3, 24, dtype=torch.long, device=device)
+    mask[0, :5] = 0
+    return ids, mask
 
 
 def two_segments(model, ids, mask, bf16: bool, device):
@@ -127,28 +112,39 @@ def two_segments(model, ids, mask, bf16: bool, device):
     return second.logits.detach(), torch.cat([p.grad.flatten() for p in inner.parameters()])
 
 
-def check_flex_equals_eager(device) -> None:
-    """flex_attention == eager: outputs and gradients over two segments with memory, padding, clamp_len; eager-mode
-    flex (unfused; on the CPU its gradients come from the eager fallback, flex has no CPU backward) and, on CUDA,
-    the model under ``torch.compile`` (the fused flex kernel)."""
-    cfg = config("tiny", clamp_len=20)
-    ids = torch.randint(1, 204, (3, 48), device=device)
-    mask = torch.ones(3, 24, dtype=torch.long, device=device)
-    mask[0, :5] = 0
-    eager, flex = pair(cfg, device, "flex_attention")
-    variants = [("eager-mode", flex)]
-    if device.type == "cuda":
-        variants.append(("compiled", torch.compile(flex)))
-    else:
-        print("      (compiled flex_attention: CUDA only here; the CPU has no fused flex kernel with gradients)")
+def check_equal_to_eager(eager, variants, device) -> None:
+    """Each ``(name, model)`` of ``variants`` against ``eager`` over :func:`two_segments`, fp32 (tolerance 1e-4)
+    and bf16 autocast (6e-2; gradients relative to their largest entry)."""
+    ids, mask = padded_segments(device)
     for bf16, tol in ((False, 1e-4), (True, 6e-2)):
         ref_logits, ref_grads = two_segments(eager, ids, mask, bf16, device)
         scale = float(ref_grads.abs().max())
-        for label, model in variants:
+        for name, model in variants:
             logits, grads = two_segments(model, ids, mask, bf16, device)
-            check(f"flex_attention ({label}) == eager, bf16={bf16}", max_diff(logits, ref_logits) < tol
+            check(f"{name}, bf16={bf16}", max_diff(logits, ref_logits) < tol
                   and max_diff(grads, ref_grads) < tol * max(1.0, scale), logits_max_diff=max_diff(logits, ref_logits),
                   grad_max_diff=max_diff(grads, ref_grads), grad_scale=scale)  # fmt: skip
+
+
+def check_fast_path_equals_eager(device) -> None:
+    """sdpa == eager: outputs and gradients of two segments (the second with memory and left padding in the first),
+    post-norm and pre-norm, fp32 and bf16."""
+    for pre_lnorm in (False, True):
+        eager, fast = pair(config("tiny", pre_lnorm=pre_lnorm, clamp_len=20), device)
+        check_equal_to_eager(eager, [(f"sdpa == eager, pre_lnorm={pre_lnorm}", fast)], device)
+
+
+def check_flex_equals_eager(device) -> None:
+    """flex_attention == eager over the same two segments: eager-mode flex (unfused; on the CPU its gradients come
+    from the eager fallback, flex has no CPU backward) and, on CUDA, the model under ``torch.compile`` (the fused
+    flex kernel)."""
+    eager, flex = pair(config("tiny", clamp_len=20), device, "flex_attention")
+    variants = [("flex_attention (eager-mode) == eager", flex)]
+    if device.type == "cuda":
+        variants.append(("flex_attention (compiled) == eager", torch.compile(flex)))
+    else:
+        print("      (compiled flex_attention: CUDA only here; the CPU has no fused flex kernel with gradients)")
+    check_equal_to_eager(eager, variants, device)
 
 
 def check_cached_generation(device) -> None:
