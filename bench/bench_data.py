@@ -27,7 +27,7 @@ import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 
 from hf_txl import DEFAULT_CORPUS_PATH, TxlCharTokenizer  # noqa: E402
-from hf_txl.data import StreamBatcher, load_corpus, load_token_array, save_token_array, tokenize_to_array  # noqa: E402
+from hf_txl.training.data import StreamBatcher, load_corpus, load_token_array, save_token_array, tokenize_to_array  # noqa: E402
 
 EXTRA_TEXT = " Ωμέγα café naïve — “quoted” 中文 😀 ß "
 

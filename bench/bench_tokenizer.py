@@ -23,7 +23,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import datasets  # noqa: E402
 
 from hf_txl import DEFAULT_CORPUS_PATH, TxlCharTokenizer  # noqa: E402
-from hf_txl.data import tokenize_to_array  # noqa: E402
+from hf_txl.training.data import tokenize_to_array  # noqa: E402
 
 
 def best_of(fn: Callable[[], object], repeat: int) -> tuple[float, object]:

@@ -49,7 +49,6 @@ __all__ = [
 ]
 
 # --- tokenizer and data pipeline exports (tokenization_txl.py, data.py) ---
-from .overrides import parse_config_overrides  # noqa: E402
 from .tokenization_txl import (  # noqa: E402
     TxlCharTokenizer,
     TxlWordTokenizer,
@@ -57,6 +56,7 @@ from .tokenization_txl import (  # noqa: E402
     build_tokenizer,
     token_unit,
 )
+from .training.overrides import parse_config_overrides  # noqa: E402
 
 __all__ += [
     "DEFAULT_CORPUS_PATH",
@@ -94,7 +94,7 @@ _LAZY_DATA_NAMES = ("DEFAULT_CORPUS_PATH", "StreamBatcher", "load_corpus", "toke
 
 def __getattr__(name: str):
     if name in _LAZY_DATA_NAMES:
-        from . import data
+        from .training import data
 
         return getattr(data, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

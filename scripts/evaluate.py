@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from hf_txl.data import load_corpus, tokenize_to_array
-from hf_txl.hub import is_local, load_model_and_tokenizer
-from hf_txl.model_card import EVALUATION_FILE, write_model_card
 from hf_txl.tokenization_txl import token_unit
 from hf_txl.training import evaluate_stream, headline, keep_freed_memory_in_process
+from hf_txl.training.data import load_corpus, tokenize_to_array
+from hf_txl.training.hub import is_local, load_model_and_tokenizer
+from hf_txl.training.model_card import EVALUATION_FILE, write_model_card
 
 #: The figure each token unit is judged by (bits per character/byte, or perplexity).
 HEADLINE_METRIC = {"char": "bpc", "byte": "bpc", "word": "perplexity", "token": "perplexity"}

@@ -19,7 +19,7 @@ import torch
 from transformers import TextStreamer, set_seed
 
 from hf_txl import UnknownCharacterWarning
-from hf_txl.hub import load_model_and_tokenizer
+from hf_txl.training.hub import load_model_and_tokenizer
 
 
 def parse_args(argv=None) -> argparse.Namespace:

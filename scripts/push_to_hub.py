@@ -15,8 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from hf_txl.hub import HubPushError, check_model_dir, push_model_dir
-from hf_txl.model_card import write_model_card
+from hf_txl.training.hub import HubPushError, check_model_dir, push_model_dir
+from hf_txl.training.model_card import write_model_card
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,4 +1,4 @@
-"""Run ``hf_txl.train`` and SIGKILL the process at a chosen point, to test that a killed run resumes exactly.
+"""Run ``hf_txl.training.train`` and SIGKILL the process at a chosen point, to test that a killed run resumes exactly.
 
     HF_TXL_KILL_AT=after_step:N   python tests/kill_train.py ARGS   # once step N's log record is written
     HF_TXL_KILL_AT=during_save:N  python tests/kill_train.py ARGS   # checkpoint N written, not yet renamed into place
@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 
-from hf_txl import checkpointing, train, training
+from hf_txl.training import checkpointing, progress, train
 
 
 def kill() -> None:
@@ -20,14 +20,14 @@ def kill() -> None:
 
 def install(where: str, step: int) -> None:
     if where == "after_step":
-        write = training.JsonLog.write
+        write = progress.JsonLog.write
 
         def write_then_kill(self, record):
             write(self, record)
             if record.get("step") == step and "loss" in record:
                 kill()
 
-        training.JsonLog.write = write_then_kill
+        progress.JsonLog.write = write_then_kill
     elif where == "during_save":
         write_manifest = checkpointing.write_manifest
 

@@ -12,7 +12,7 @@ import torch
 from accelerate import Accelerator
 
 from hf_txl import TxlCharTokenizer, UnknownCharacterWarning
-from hf_txl.data import (
+from hf_txl.training.data import (
     DEFAULT_CORPUS_PATH,
     StreamBatcher,
     load_corpus,

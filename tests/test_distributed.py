@@ -112,7 +112,7 @@ def single_run(tmp_path_factory):
 
 
 def test_fsdp2_config_file_shards_the_model_and_checkpoints_per_process(fsdp_run):
-    from hf_txl.checkpointing import find_damage
+    from hf_txl.training.checkpointing import find_damage
 
     out, log = fsdp_run
     assert "on 2 process(es) (FSDP2)" in log

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from conftest import tiny_config
 
 from hf_txl import TxlCharTokenizer, TxlForCausalLM, TxlWordTokenizer
-from hf_txl.data import DEFAULT_CORPUS_PATH
 from hf_txl.training import METRIC_PATH, evaluate_stream, lm_metrics, load_metric
+from hf_txl.training.data import DEFAULT_CORPUS_PATH
 
 ROOT = Path(__file__).resolve().parents[1]
 

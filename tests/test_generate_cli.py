@@ -8,7 +8,7 @@ import torch
 from conftest import run_without_hf_txl
 from test_evaluate import load_script, make_model_dir
 
-from hf_txl.data import DEFAULT_CORPUS_PATH
+from hf_txl.training.data import DEFAULT_CORPUS_PATH
 
 
 @pytest.fixture(scope="module")

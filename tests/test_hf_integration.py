@@ -47,8 +47,8 @@ def test_importing_the_model_leaves_the_data_pipeline_unloaded():
         heavy = [m for m in ("datasets", "pyarrow", "pandas") if m in sys.modules]
         assert not heavy, heavy
         from hf_txl import DEFAULT_CORPUS_PATH, StreamBatcher, load_corpus, tokenize_to_array
-        import hf_txl.data
-        assert load_corpus is hf_txl.data.load_corpus and "datasets" in sys.modules
+        import hf_txl.training.data
+        assert load_corpus is hf_txl.training.data.load_corpus and "datasets" in sys.modules
         assert set(hf_txl._LAZY_DATA_NAMES) <= set(dir(hf_txl)) and __import__("os").path.exists(DEFAULT_CORPUS_PATH)
         try:
             hf_txl.not_a_name

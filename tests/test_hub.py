@@ -10,8 +10,8 @@ import pytest
 from conftest import run_without_hf_txl
 from test_evaluate import load_script
 
-from hf_txl.data import DEFAULT_CORPUS_PATH
-from hf_txl.hub import IGNORE_PATTERNS, HubPushError, push_model_dir
+from hf_txl.training.data import DEFAULT_CORPUS_PATH
+from hf_txl.training.hub import IGNORE_PATTERNS, HubPushError, push_model_dir
 
 
 class FakeHfApi:

@@ -18,7 +18,7 @@ from accelerate.utils import set_seed
 from conftest import tiny_config
 
 from hf_txl import TxlForCausalLM
-from hf_txl.data import StreamBatcher
+from hf_txl.training.data import StreamBatcher
 
 V = 60
 PLAIN = {}

@@ -11,7 +11,7 @@ from matplotlib.image import imread
 from test_evaluate import make_model_dir
 
 from hf_txl import TxlForCausalLM, TxlWordTokenizer
-from hf_txl.model_card import (
+from hf_txl.training.model_card import (
     collect_facts,
     loss_curve_figure,
     loss_curve_points,
@@ -184,7 +184,7 @@ def test_word_card_leads_with_perplexity_per_word(word_run_dir):
 
 
 def test_word_card_loss_curve_title_and_evaluation_rows(word_run_dir, monkeypatch):
-    import hf_txl.model_card as model_card
+    import hf_txl.training.model_card as model_card
 
     titles = []
     draw = model_card.write_loss_curve_png

@@ -3,7 +3,7 @@
 import pytest
 
 from hf_txl import TxlConfig
-from hf_txl.overrides import parse_config_overrides, split_items
+from hf_txl.training.overrides import parse_config_overrides, split_items
 
 FIELDS = ["cutoffs", "div_val", "pre_lnorm", "init", "dropout", "d_embed", "n_layer", "name", "extra"]
 

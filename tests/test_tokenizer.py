@@ -378,7 +378,7 @@ def test_fast_word_encoder_agrees_with_the_tokenizers_pipeline(tmp_path, shakesp
 def test_word_corpus_through_tokenize_to_array(shakespeare):
     from datasets import Dataset
 
-    from hf_txl.data import tokenize_to_array
+    from hf_txl.training.data import tokenize_to_array
 
     text = shakespeare[: shakespeare.index("\n", 120000) + 1]  # several pieces: the whole-text row is cut at line ends
     tok = TxlWordTokenizer.from_corpus([text[:60000]])  # the rest has unknown words: no warning for them

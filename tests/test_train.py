@@ -251,7 +251,7 @@ def test_damaged_checkpoint_is_found_before_loading(tmp_path, damage):
 
 
 def test_every_checkpoint_damaged_is_refused_and_nothing_changes(tmp_path):
-    from hf_txl.checkpointing import CheckpointError, resolve_checkpoint
+    from hf_txl.training.checkpointing import CheckpointError, resolve_checkpoint
 
     broken = tmp_path / "checkpoints" / "step_00000002"
     broken.mkdir(parents=True)

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import torch
 from datasets import Dataset, DatasetDict, Features, List, Value, concatenate_datasets, load_dataset
 
-from .tokenization_txl import UnknownCharacterWarning, fast_word_encoder, token_unit
+from ..tokenization_txl import UnknownCharacterWarning, fast_word_encoder, token_unit
 
 __all__ = [
     "DEFAULT_CORPUS_PATH",
@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 #: The bundled Tiny Shakespeare corpus (1,115,394 characters, 65 distinct).
-DEFAULT_CORPUS_PATH = str(Path(__file__).parent / "data" / "tiny_shakespeare.txt")
+DEFAULT_CORPUS_PATH = str(Path(__file__).parent / "corpus" / "tiny_shakespeare.txt")
 
 _PIECE_CHARS = 1 << 14  # char-level texts are cut into pieces this long so the Rust encoder runs in parallel
 _GROUP_CHARS = 1 << 20  # ~this many characters are encoded per tokenizer call (bounds the Python-int peak)

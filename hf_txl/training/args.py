@@ -2,7 +2,7 @@
 loaded or written.
 
 Flag names follow transformers' ``run_clm_no_trainer.py`` where they overlap. Every user error is raised as
-``UsageError``, which ``hf_txl.train.main`` prints as one ``train.py: error: ...`` line (no traceback).
+``UsageError``, which ``hf_txl.training.train.main`` prints as one ``train.py: error: ...`` line (no traceback).
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ def check_args(args: argparse.Namespace) -> None:
         0.0 < args.validation_split_fraction < 1.0,
         f"--validation_split_fraction must lie in (0, 1), got {args.validation_split_fraction}.",
     )
-    from .configuration_txl import TxlConfig
+    from ..configuration_txl import TxlConfig
 
     with user_errors("--config_overrides: "):
         args.model_overrides = parse_config_overrides(args.config_overrides, TxlConfig().to_dict())

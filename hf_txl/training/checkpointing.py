@@ -30,7 +30,7 @@ from typing import Any
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .cache_txl import TxlCache
+from ..cache_txl import TxlCache
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"

@@ -3,7 +3,7 @@
 An ``evaluate`` metric module that loads offline from its path (it needs nothing from the Hub)::
 
     import evaluate
-    from hf_txl.training import METRIC_PATH           # .../hf_txl/metrics/txl_lm
+    from hf_txl.training import METRIC_PATH           # .../hf_txl/training/metrics/txl_lm
     metric = evaluate.load(METRIC_PATH)
     metric.add_batch(losses=[2.1, 1.7, 0.4])          # per-token negative log-likelihoods, in nats
     metric.compute()  # {"loss": 1.4, "bpc": 2.0198, "perplexity": 4.0552, "num_tokens": 3}

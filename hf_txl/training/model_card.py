@@ -32,10 +32,10 @@ from typing import Any
 
 
 def _template_path() -> Path:
-    """``hf_txl/model_card.md`` in an installed package (setup.py copies it there), else the source checkout's
+    """``hf_txl/training/model_card.md`` in an installed package (setup.py copies it there), else the source checkout's
     top-level ``model_card.md``, the one source of the template."""
     packaged = Path(__file__).resolve().parent / "model_card.md"
-    return packaged if packaged.is_file() else Path(__file__).resolve().parents[1] / "model_card.md"
+    return packaged if packaged.is_file() else Path(__file__).resolve().parents[2] / "model_card.md"
 
 
 #: The card template.

@@ -1,0 +1,319 @@
+"""Train a Transformer-XL language model with Accelerate, carrying the memory across segments.
+
+    accelerate launch scripts/train.py                       # default preset on the bundled Tiny Shakespeare
+    accelerate launch -m hf_txl.train --preset tiny          # the same from an installed package
+    accelerate launch scripts/train.py --preset shakespeare_word --tokenizer word   # words, adaptive softmax
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 scripts/train.py ...
+    accelerate launch --config_file configs/fsdp2.yaml scripts/train.py ...      # FSDP2, TxlLayer wrapped
+
+Each process keeps the memory of its own rows of the token stream (``hf_txl.training.data.StreamBatcher``); checkpoints
+hold everything needed for an exact continuation (``hf_txl.training.checkpointing``). The final model directory loads
+with ``AutoModelForCausalLM.from_pretrained``. Flags: ``hf_txl.training.args`` (``--help``).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, set_seed
+from transformers import AutoTokenizer, get_scheduler
+
+from ..configuration_txl import TxlConfig
+from ..modeling_txl import TxlForCausalLM
+from ..tokenization_txl import build_tokenizer, token_unit
+from .args import PROG, UsageError, parse_args, plain_args, user_errors
+from .checkpointing import CHECKPOINTS, check_resume_config, list_checkpoints, load_checkpoint, resolve_checkpoint
+from .checkpointing import save_checkpoint as save_checkpoint_dir
+from .data import StreamBatcher, load_corpus, tokenize_to_array
+from .evaluation import evaluate_stream, headline
+from .export import export_model_dir
+from .hub import HubPushError, push_model_dir
+from .progress import TrainingProgress, make_optimizer
+from .runtime import configure_cpu_threads, cpu_has_native_bf16, enable_fsdp_on_cpu, keep_freed_memory_in_process
+
+# ----------------------------------------------------------------------------------------------------
+# Data and model
+# ----------------------------------------------------------------------------------------------------
+
+
+def get_token_streams(args, accelerator):
+    """Load the corpus, learn (or load) the tokenizer, and return (tokenizer, train ids, validation ids)."""
+    with user_errors():
+        corpus = load_corpus(
+            dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
+            train_file=args.train_file, validation_file=args.validation_file, text_column=args.text_column,
+            validation_fraction=args.validation_split_fraction,
+        )  # fmt: skip
+        if args.tokenizer_name:
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name)
+        else:
+            # A character vocabulary covers both splits; a word vocabulary comes from training text only (the
+            # paper's), so unseen validation words are <unk>.
+            splits = ("train",) if args.tokenizer == "word" else ("train", "validation")
+            texts = (t for split in splits for t in corpus[split][args.text_column])
+            tokenizer = build_tokenizer(
+                args.tokenizer, texts, min_frequency=args.min_frequency, max_vocab_size=args.max_vocab_size
+            )
+        with accelerator.main_process_first():
+            kwargs = dict(text_column=args.text_column, num_proc=args.preprocessing_num_workers)
+            train_ids = tokenize_to_array(corpus["train"], tokenizer, **kwargs)
+            eval_ids = tokenize_to_array(corpus["validation"], tokenizer, **kwargs)
+    return tokenizer, train_ids, eval_ids
+
+
+def build_config(args, tokenizer) -> TxlConfig:
+    fields = dict(args.model_preset)
+    fields.update(
+        vocab_size=len(tokenizer), mem_len=args.mem_len, clamp_len=args.clamp_len,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    fields.update(args.model_overrides)
+    with user_errors("invalid model configuration: "):
+        return TxlConfig(**fields)
+
+
+def prepare_output_dir(args, accelerator) -> None:
+    """Never silently overwrite another run: its checkpoints are kept unless asked otherwise."""
+    if not (args.resume_from_checkpoint or args.overwrite_output_dir):
+        existing = list_checkpoints(args.output_dir)
+        if existing:
+            raise UsageError(
+                f"{args.output_dir} holds checkpoints of another run ({existing[-1][1].name}). Pass "
+                "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, "
+                "or choose another --output_dir."
+            )
+        if Path(args.output_dir, "config.json").exists():
+            raise UsageError(
+                f"{args.output_dir} already holds a trained model. Pass --overwrite_output_dir to replace it, "
+                "or choose another --output_dir."
+            )
+    if args.overwrite_output_dir and accelerator.is_main_process:
+        shutil.rmtree(Path(args.output_dir) / CHECKPOINTS, ignore_errors=True)
+        Path(args.output_dir, "log.jsonl").unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+
+
+def distribution(accelerator) -> str:
+    """How the run is distributed, for the log: ``FSDP2``, ``MULTI_CPU`` (DDP on CPUs), ``MULTI_GPU``, ``NO``..."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return f"FSDP{accelerator.state.fsdp_plugin.fsdp_version}"
+    return accelerator.distributed_type.value
+
+
+# ----------------------------------------------------------------------------------------------------
+# Set-up
+# ----------------------------------------------------------------------------------------------------
+
+
+def make_accelerator(args) -> Accelerator:
+    """The Accelerator (FSDP honoured on CPU processes too), with the CPU thread count chosen and said."""
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        log_with=args.report_to if args.with_tracking else None, project_dir=args.output_dir,
+    )  # fmt: skip
+    enable_fsdp_on_cpu(accelerator)
+    if accelerator.device.type == "cpu":
+        accelerator.print(f"Using {configure_cpu_threads(args.num_threads, accelerator.num_processes)}.")
+        if accelerator.mixed_precision == "bf16" and cpu_has_native_bf16() is False:
+            accelerator.print(
+                "Warning: bf16 on a CPU without native bf16 (no AVX512-BF16/AMX): the matrix products are emulated "
+                "and run several times slower than fp32. Drop --mixed_precision for speed on this machine."
+            )
+    return accelerator
+
+
+def find_checkpoint(args, accelerator) -> Path | None:
+    """The checkpoint to resume from (damaged ones named and skipped for 'latest'), before anything is written."""
+    if not args.resume_from_checkpoint:
+        return None
+    with user_errors():
+        return resolve_checkpoint(
+            args.output_dir, args.resume_from_checkpoint, on_damaged=lambda m: accelerator.print(f"Warning: {m}")
+        )
+
+
+def get_batches(args, accelerator, train_ids, eval_ids) -> StreamBatcher:
+    """The training batcher; the evaluation one is built too, so that impossible sizes fail before training."""
+    with user_errors():
+        StreamBatcher.from_accelerator(
+            eval_ids, accelerator, batch_size=args.per_device_eval_batch_size, tgt_len=args.eval_tgt_len
+        )
+        return StreamBatcher.from_accelerator(
+            train_ids, accelerator, batch_size=args.per_device_train_batch_size, tgt_len=args.tgt_len
+        )
+
+
+def build_training_objects(args, accelerator, config):
+    """Model, optimizer (prepared together, as FSDP2 needs) and learning-rate schedule."""
+    model = TxlForCausalLM._from_config(config, attn_implementation=args.attn_implementation)
+    betas = (args.adam_beta1, args.adam_beta2)
+    optimizer = make_optimizer(model, learning_rate=args.learning_rate, weight_decay=args.weight_decay, betas=betas)
+    if args.torch_compile:
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = get_scheduler(
+        args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps,
+        num_training_steps=args.max_train_steps,
+    )  # fmt: skip
+    accelerator.register_for_checkpointing(scheduler)
+    return model, optimizer, scheduler
+
+
+def resume(accelerator, path: Path, batches: StreamBatcher) -> tuple[int, object]:
+    """Restore every state from checkpoint ``path``; returns (step, this process's memory)."""
+    with user_errors():
+        trainer_state, mems, stream_state = load_checkpoint(accelerator, path)
+        batches.load_state_dict(stream_state)
+    accelerator.print(f"Resumed from {path} at step {trainer_state['step']}.")
+    return trainer_state["step"], mems
+
+
+def save_checkpoint(args, accelerator, step, *, mems, batches, config) -> None:
+    state = {
+        "step": step, "epoch": batches.epoch, "num_processes": accelerator.num_processes,
+        "model_config": config.to_dict(), "args": plain_args(args),
+    }  # fmt: skip
+    save_checkpoint_dir(
+        accelerator, args.output_dir, step, mems=mems, stream_state=batches.state_dict(), trainer_state=state,
+        keep_last=args.checkpoints_total_limit,
+    )  # fmt: skip
+
+
+def check_finite(loss: float, step: int, args) -> None:
+    if not math.isfinite(loss):
+        raise UsageError(
+            f"the training loss became {loss} at step {step}; stopping. The last good checkpoint (if any) in "
+            f"{Path(args.output_dir) / CHECKPOINTS} is intact: lower --learning_rate or --max_grad_norm and resume "
+            "from it."
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------
+
+
+def training_function(args) -> dict:
+    accelerator = make_accelerator(args)
+    resume_path = find_checkpoint(args, accelerator)
+    prepare_output_dir(args, accelerator)
+    set_seed(args.seed)
+    tokenizer, train_ids, eval_ids = get_token_streams(args, accelerator)
+    config = build_config(args, tokenizer)
+    batches = get_batches(args, accelerator, train_ids, eval_ids)
+    if resume_path is not None:
+        with user_errors():
+            check_resume_config(resume_path, config)
+    steps_per_epoch = math.ceil(len(batches) / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = math.ceil((args.num_train_epochs or 1.0) * steps_per_epoch)
+    model, optimizer, scheduler = build_training_objects(args, accelerator, config)
+    step, mems = resume(accelerator, resume_path, batches) if resume_path is not None else (0, None)
+    if args.with_tracking:
+        accelerator.init_trackers("hf_txl", config=plain_args(args))
+    progress = TrainingProgress(
+        accelerator, args.output_dir, total_steps=args.max_train_steps, start_step=step,
+        logging_steps=args.logging_steps, tracking=args.with_tracking,
+        tokens_per_micro_step=args.per_device_train_batch_size * args.tgt_len * accelerator.num_processes,
+    )  # fmt: skip
+    evaluation = dict(
+        batch_size=args.per_device_eval_batch_size, tgt_len=args.eval_tgt_len, mem_len=args.eval_mem_len,
+        clamp_len=args.eval_clamp_len, same_length=args.eval_same_length, accelerator=accelerator,
+    )  # fmt: skip
+    unit = token_unit(tokenizer)
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    accelerator.print(
+        f"Training {n_params:.2f}M parameters for {args.max_train_steps} steps ({steps_per_epoch} per epoch) "
+        f"on {accelerator.num_processes} process(es) ({distribution(accelerator)}), {accelerator.device}, "
+        f"mixed precision {accelerator.mixed_precision}."
+    )
+
+    model.train()
+    micro_losses = []
+    while step < args.max_train_steps:
+        for batch in batches:
+            if batches.new_epoch:
+                mems = None  # the memory never crosses an epoch boundary
+            with accelerator.accumulate(model):
+                out = model(input_ids=batch["input_ids"], shift_labels=batch["shift_labels"], mems=mems)
+                mems = out.mems
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro_losses.append(out.loss.detach())
+            progress.micro_step()
+            if not accelerator.sync_gradients:
+                continue
+
+            step += 1
+            loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
+            micro_losses = []
+            check_finite(loss, step, args)
+            progress.step(step, loss=loss, lr=scheduler.get_last_lr()[0], epoch=batches.epoch)
+            if args.eval_steps and step % args.eval_steps == 0 and step < args.max_train_steps:
+                metrics = evaluate_stream(model, eval_ids, max_steps=args.max_eval_steps, **evaluation)
+                progress.evaluation(step, metrics, message=f"step {step}: eval {headline(metrics, unit)}")
+            if isinstance(args.checkpointing_steps, int) and step % args.checkpointing_steps == 0:
+                save_checkpoint(args, accelerator, step, mems=mems, batches=batches, config=config)
+            if step >= args.max_train_steps:
+                break
+        else:
+            if args.checkpointing_steps == "epoch":
+                save_checkpoint(args, accelerator, step, mems=mems, batches=batches, config=config)
+    progress.close()
+
+    metrics = evaluate_stream(model, eval_ids, progress=accelerator.is_local_main_process, **evaluation)
+    message = f"Validation (whole split, in order, mem_len={args.eval_mem_len}): {headline(metrics, unit)}"
+    progress.evaluation(step, metrics, message=f"{message} ({metrics['tokens']} tokens).", final=True)
+    export(args, accelerator, model, tokenizer, metrics, step)
+    if args.with_tracking:
+        accelerator.end_training()
+    return metrics
+
+
+def export(args, accelerator, model, tokenizer, metrics: dict, step: int) -> None:
+    """Write the final model directory (the full weights, gathered from every process), then push it when asked."""
+    accelerator.wait_for_everyone()
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    state_dict = accelerator.get_state_dict(model) if sharded else None  # every process gathers its shards
+    if accelerator.is_main_process:
+        recorded = {**plain_args(args), "command": "accelerate launch scripts/train.py " + " ".join(sys.argv[1:])}
+        results = {"step": step, "eval_mem_len": args.eval_mem_len, "eval_tgt_len": args.eval_tgt_len, **metrics}
+        export_model_dir(
+            args.output_dir, accelerator.unwrap_model(model), tokenizer, state_dict=state_dict,
+            eval_results=results, training_args=recorded, repo_id=args.hub_model_id,
+        )  # fmt: skip
+        accelerator.print(f"Model written to {args.output_dir} (model card: README.md)")
+        if args.push_to_hub:
+            try:
+                url = push_model_dir(
+                    args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo
+                )
+            except (HubPushError, ValueError) as error:
+                raise UsageError(f"{error} The trained model is saved in {args.output_dir}.") from error
+            accelerator.print(f"Pushed to https://huggingface.co/{args.hub_model_id} ({url})")
+    accelerator.wait_for_everyone()
+
+
+def main(argv=None) -> None:
+    try:
+        args = parse_args(argv, description=__doc__)
+        keep_freed_memory_in_process()
+        training_function(args)
+    except UsageError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
