@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Two checkouts of hf_txl side by side: greedy generation and evaluation with memory, in fresh processes, alternating.
 
-    git worktree add /tmp/hf_txl_before <commit>
-    .venv/bin/python bench/bench_revisions.py /tmp/hf_txl_before .      # before, after
+    git worktree add ../hf_txl_before <commit>                         # a second checkout beside this one
+    .venv/bin/python bench/bench_revisions.py ../hf_txl_before .        # before, after
     .venv/bin/python bench/bench_revisions.py A B --rounds 5
 
 ``bench_speed.py`` compares hf_txl with transformers 4.35.2; comparing two of its own runs taken minutes apart mixes

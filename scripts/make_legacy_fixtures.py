@@ -5,11 +5,11 @@ its ``save_pretrained`` (safetensors; one as ``pytorch_model.bin``), and fed a s
 memory of the first is passed to the second). Their log-probabilities (``prediction_scores``) are written next to
 the weights in ``reference.json``; ``tests/test_legacy.py`` loads every directory with hf_txl and compares.
 
-The 4.35.2 environment lives outside the repository::
+The 4.35.2 environment lives outside the repository, e.g. beside it::
 
-    python3 -m venv /tmp/legacy_venv
-    /tmp/legacy_venv/bin/pip install torch==2.13.0 transformers==4.35.2 sacremoses
-    .venv/bin/python scripts/make_legacy_fixtures.py --legacy-python /tmp/legacy_venv/bin/python
+    python3 -m venv ../legacy_venv
+    ../legacy_venv/bin/pip install torch==2.13.0 transformers==4.35.2 sacremoses
+    .venv/bin/python scripts/make_legacy_fixtures.py --legacy-python ../legacy_venv/bin/python
 
 (``LEGACY_PYTHON`` may replace ``--legacy-python``.) The script re-runs itself under that interpreter with
 ``--build``; it imports nothing from hf_txl. ``sacremoses`` is only needed for the ``vocab.pkl`` fixture, which
