@@ -23,7 +23,10 @@ a registered pytree node so that ``torch.export`` can. The model updates it in p
 (:meth:`TxlCache.update`), between :meth:`TxlCache.begin_segment` and :meth:`TxlCache.end_segment`.
 
 During inference (eval mode, no gradient) the memory also keeps the projected keys/values of its positions and the
-projected position terms, in a preallocated :class:`MemoryStore` written in place. Training never uses them.
+projected position terms, in a preallocated :class:`MemoryStore` written in place. Training never uses them. They are
+derived data (the projections of the memory by the current weights), not part of the cache's value: they live in
+slotted objects, outside every ``__dict__``, so that what attribute walkers see (transformers' exporters compare eager
+and exported outputs that way) is what the pytree flattening carries: the memory and its padding mask.
 
 This file is shipped next to the weights by ``save_pretrained`` (``trust_remote_code`` without hf_txl): it imports only
 torch and transformers.
@@ -56,7 +59,11 @@ class MemoryStore:
     a memory that :meth:`TxlCache.fork` shares): an older memory, or one cropped below a shared one, is copied into a
     new store instead of overwriting what another memory shows. Capacity ``mem_len + max(T, ceil(mem_len / 4))``: a
     generation step copies a quarter of a position per step on average.
+
+    Slotted (no ``__dict__``): an eager output's cache then shows the same tensors as an exported program's.
     """
+
+    __slots__ = ("hidden", "kv", "real", "capacity", "version", "protected", "shared")
 
     def __init__(self, hidden: list[torch.Tensor], kv: list[torch.Tensor]):
         self.hidden, self.kv = hidden, kv
@@ -88,19 +95,45 @@ class MemoryStore:
         self.real[:, start : start + width] = True if key_is_real is None else key_is_real
 
 
+class LayerProjections:
+    """A layer's inference-only projections (see :class:`TxlMemoryLayer`), slotted like :class:`MemoryStore`."""
+
+    __slots__ = ("kv", "r_head")
+
+    def __init__(self):
+        self.kv: torch.Tensor | None = None
+        self.r_head: torch.Tensor | None = None
+
+
 class TxlMemoryLayer(CacheLayerMixin):
     """One layer's memory: ``hidden`` ``[B, M, d_model]`` (None while empty) and, during inference, ``kv``
     ``[2, B, H, M, D]`` (its projected keys, then values) and ``r_head`` ``[H, K', D]`` (``W_{k,R} R`` for distances
-    ``K'-1 .. 0``, head-major; any shorter key length reads its last positions)."""
+    ``K'-1 .. 0``, head-major; any shorter key length reads its last positions). ``kv`` and ``r_head`` are kept in a
+    slotted :class:`LayerProjections`, outside the layer's ``__dict__`` (see the module docstring)."""
 
     is_croppable = True
 
     def __init__(self, hidden: torch.Tensor | None = None):
         super().__init__()
         self.hidden = hidden
-        self.kv: torch.Tensor | None = None
-        self.r_head: torch.Tensor | None = None
+        self.projections = LayerProjections()
         self.is_initialized = hidden is not None
+
+    @property
+    def kv(self) -> torch.Tensor | None:
+        return self.projections.kv
+
+    @kv.setter
+    def kv(self, value: torch.Tensor | None) -> None:
+        self.projections.kv = value
+
+    @property
+    def r_head(self) -> torch.Tensor | None:
+        return self.projections.r_head
+
+    @r_head.setter
+    def r_head(self, value: torch.Tensor | None) -> None:
+        self.projections.r_head = value
 
     def __repr__(self) -> str:
         shape = None if self.hidden is None else tuple(self.hidden.shape)
