@@ -1110,21 +1110,33 @@ class TxlForCausalLM(TxlPreTrainedModel, GenerationMixin):
         ``inputs``: as in :meth:`forward`, ``inputs`` are the tokens that follow it, and ``attention_mask`` may cover
         them only (the memory's positions are taken as real: it remembers its own padding). The memory is repeated
         for ``num_beams`` / ``num_return_sequences``.
+
+        ``inputs_embeds`` ``[B, T, d_model]`` (the raw embedding lookup, as for :meth:`forward`) stand for the prompt
+        in the first call, which also follow a given memory; the memory then carries them and each step feeds only
+        the new token. As for GPT-2, the returned sequences hold the new tokens only, or ``input_ids`` and the new
+        tokens when both are given.
         """
         if self.config.mem_len == 0:
+            if kwargs.get("inputs_embeds") is not None:
+                raise ValueError(
+                    "generate(inputs_embeds=...) needs the memory to carry the prompt past the first step, and this "
+                    "model has mem_len=0: pass the prompt as token ids (`inputs`) instead."
+                )
             kwargs["use_cache"] = False  # no memory, no cache: every step recomputes the whole sequence
         if mems is not None:
             if kwargs.get("cache") is not None:
                 raise ValueError("Pass the memory as `cache=` or as `mems=` (its alias), not both.")
             kwargs["cache"] = mems.fork() if isinstance(mems, TxlCache) else TxlCache(list(mems))
-        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        if kwargs.get("inputs_embeds") is not None:
+            prompt = kwargs["inputs_embeds"]  # [B, T, d_model]: what the first call reads
         cache, mask = kwargs.get("cache"), kwargs.get("attention_mask")
         seen = cache.get_seq_length() if isinstance(cache, TxlCache) else 0
-        if input_ids is not None and mask is not None:
-            segment_mask(mask, input_ids.shape[0], input_ids.shape[1], seen)  # a ValueError naming the shapes
-        if input_ids is not None and seen:
-            batch, qlen = input_ids.shape
-            mask = torch.ones_like(input_ids) if mask is None else mask
+        if prompt is not None and mask is not None:
+            segment_mask(mask, prompt.shape[0], prompt.shape[1], seen)  # a ValueError naming the shapes
+        if prompt is not None and seen:
+            batch, qlen = prompt.shape[:2]
+            mask = torch.ones(batch, qlen, dtype=torch.long, device=prompt.device) if mask is None else mask
             if mask.shape[1] == qlen:  # transformers' convention: the mask covers every token so far
                 kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, seen), mask], dim=1)
             config = generation_config or self.generation_config
@@ -1134,12 +1146,20 @@ class TxlForCausalLM(TxlPreTrainedModel, GenerationMixin):
                 cache.batch_repeat_interleave(expand)
         return super().generate(inputs, generation_config, *args, **kwargs)
 
-    def prepare_inputs_for_generation(self, input_ids, *args, is_first_iteration=False, **kwargs):
-        """transformers' preparation; the attention mask goes only to the first call (generated tokens are always
-        real, and the memory remembers earlier padding), and an all-ones mask not even there."""
+    def prepare_inputs_for_generation(
+        self, input_ids, next_sequence_length=None, cache=None, attention_mask=None, inputs_embeds=None,
+        is_first_iteration=False, **kwargs,
+    ):  # fmt: skip
+        """transformers' preparation. ``inputs_embeds`` go whole to the first call only: like ids, they are the tokens
+        that follow the memory (transformers would cut the memory's length off their front). The attention mask goes
+        only to the first call (generated tokens are always real, and the memory remembers earlier padding), and an
+        all-ones mask not even there."""
+        if inputs_embeds is not None and is_first_iteration:
+            next_sequence_length = None
         inputs = super().prepare_inputs_for_generation(
-            input_ids, *args, is_first_iteration=is_first_iteration, **kwargs
-        )
+            input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs,
+        )  # fmt: skip
         mask = inputs.get("attention_mask")
         if mask is not None and (not is_first_iteration or bool(mask.all())):
             inputs["attention_mask"] = None
