@@ -4,13 +4,14 @@ streamers), export with ``torch.export``, and clear errors for bad model input."
 
 import copy
 import inspect
+import threading
 
 import pytest
 import torch
 from conftest import tiny_config
 from transformers import Cache, DynamicCache, GenerationMixin, TextIteratorStreamer
 
-from hf_txl import TxlCache, TxlConfig, TxlForCausalLM, TxlModel
+from hf_txl import TxlCache, TxlCharTokenizer, TxlConfig, TxlForCausalLM, TxlModel
 from hf_txl.modeling_txl import TxlLayer
 
 
@@ -226,7 +227,24 @@ def test_streamer_receives_the_generated_tokens():
     out = model.generate(prompt, max_new_tokens=6, do_sample=False, streamer=streamer)
     assert streamer.chunks[0] == prompt.flatten().tolist() and streamer.chunks[-1] == "end"
     assert sum(streamer.chunks[1:-1], []) == out[0, 3:].tolist()
-    assert TextIteratorStreamer  # the transformers streamer classes are the same protocol
+
+    # transformers' TextIteratorStreamer, as documented: generate() in a thread, the text read as it comes (letters
+    # and digits at once). A character tokenizer whose 40 ids are the model's vocabulary (<unk>, <pad>, 38 characters).
+    tokenizer = TxlCharTokenizer.from_corpus(["abcdefghijklmnopqrstuvwxyz0123456789 ."])
+    assert len(tokenizer) == model.config.vocab_size
+    text_streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, timeout=30)
+    results = []
+    thread = threading.Thread(
+        target=lambda: results.append(
+            model.generate(prompt, max_new_tokens=24, do_sample=False, streamer=text_streamer)
+        )
+    )
+    thread.start()
+    pieces = list(text_streamer)  # (raises queue.Empty if generate() stops feeding the streamer)
+    thread.join()
+    generated = results[0][0, 3:]
+    assert len(generated) == 24 and len(set(generated.tolist())) > 3
+    assert "".join(pieces) == tokenizer.decode(generated) and len([piece for piece in pieces if piece]) > 1
 
 
 def test_generate_continues_a_cache_in_place_and_a_mems_alias_unchanged():
