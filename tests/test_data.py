@@ -81,6 +81,33 @@ def test_local_files_with_their_own_validation_split(tmp_path):
     assert "".join(corpus["validation"]["text"]) == "held out\n"
 
 
+def test_local_files_contact_no_host_when_the_hub_is_online(tmp_path, monkeypatch):
+    """The quickstart leaves HF_HUB_OFFLINE unset: loading local text (the bundled corpus, --train_file) must still
+    contact no host. datasets' loader of its packaged "text" builder sends a HEAD request to count the load unless
+    offline; load_corpus turns that counter off for local files."""
+    import socket
+
+    import datasets.config
+    import huggingface_hub.constants
+
+    # the test command runs offline (HF_HUB_OFFLINE=1): undo that here, for datasets and for the Hub's HTTP session
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", True)
+    hosts = []
+
+    def no_network(host, *args, **kwargs):
+        hosts.append(host)
+        raise OSError(f"this test has no network ({host})")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    path = tmp_path / "train.txt"
+    path.write_text("To be, or not to be, that is the question.\n" * 20, encoding="utf-8")
+    corpus = load_corpus(train_file=path, cache_dir=tmp_path / "cache")
+    assert hosts == []
+    assert corpus["train"].num_rows == 1 and datasets.config.HF_UPDATE_DOWNLOAD_COUNTS is True  # setting restored
+
+
 def test_dataset_with_text_column_and_tail_split_across_rows(tmp_path):
     data_dir = tmp_path / "ds"
     data_dir.mkdir()

@@ -18,6 +18,7 @@ whole batches between processes and break the row continuity).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import warnings
@@ -88,7 +89,8 @@ def load_corpus(
             data_files["validation"] = _existing_file(validation_file)
         for path in data_files.values():
             _warn_if_carriage_returns(path)
-        raw = load_dataset("text", data_files=data_files, sample_by="document", cache_dir=cache_dir)
+        with _no_load_count():
+            raw = load_dataset("text", data_files=data_files, sample_by="document", cache_dir=cache_dir)
 
     if "train" not in raw:
         raise ValueError(f"the dataset has no 'train' split (splits: {list(raw)}); use a dataset with one")
@@ -101,6 +103,21 @@ def load_corpus(
     if "validation" not in splits:
         splits["train"], splits["validation"] = _split_tail(splits["train"], validation_fraction)
     return DatasetDict(splits)
+
+
+@contextlib.contextmanager
+def _no_load_count():
+    """Local files need no network: ``load_dataset`` of a packaged builder ("text") sends a HEAD request to count
+    the load (``datasets.load.increase_load_count``) unless the Hub is offline, so switch that counter off while
+    it runs (the quickstart leaves HF_HUB_OFFLINE as the user has it)."""
+    import datasets.config
+
+    counting = datasets.config.HF_UPDATE_DOWNLOAD_COUNTS
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
+    try:
+        yield
+    finally:
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = counting
 
 
 def _existing_file(path: str | os.PathLike) -> str:
