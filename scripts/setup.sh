@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs hf_txl with its dev tools.
-# torch is pinned first to the CPU build so that pip never pulls a multi-GB CUDA wheel by accident;
-# pyproject.toml states the supported range (torch>=2.4). Set TORCH_SPEC to install another build.
+# Creates .venv (if missing) and installs hf_txl (editable) with its dev tools (pytest, ruff, transformers-mlinter).
+# torch is installed first, and only when .venv has none: TORCH_SPEC (default torch==2.13.0) from pip's configured
+# index. On Linux, PyPI's torch is the CUDA build (several GB); for the CPU build, or a given CUDA build, put torch
+# into .venv before running this script, which keeps it:
+#   python3 -m venv .venv && .venv/bin/pip install torch --index-url https://download.pytorch.org/whl/cpu
+# pyproject.toml states the supported range (torch>=2.4).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
