@@ -536,10 +536,10 @@ def train_gemms(args):
 def weight_stream(args):
     """(txl) The matrix-vector products of one generation step alone: every weight a token must read (the
     layers' q/k/v, output and feed-forward projections, and the output layer; W_{k,R} R is cached), applied to one
-    token's vector, as the model computes them (``hf_txl.modeling_txl.project``: on the CPU the split-weight product or
-    ``F.linear``, whichever ``column_products_win`` measured faster) and through ``nn.Linear``. Median seconds per
+    token's vector, as the model computes them (``hf_txl.kernels_txl.project``: on the CPU the split-weight product or
+    ``F.linear``, the form ``cpu_product_form`` chose for this CPU) and through ``nn.Linear``. Median seconds per
     step of each: the floor of torch's kernels on this machine."""
-    from hf_txl.modeling_txl import project
+    from hf_txl.kernels_txl import project
 
     linears = []
     for layer in MODEL.transformer.layers:
@@ -566,12 +566,12 @@ def bare_step(args):
     the window moving by one per call as in generation). Median seconds per step, eager and (``compile``) under
     ``torch.compile``: what a step costs when only its kernels are left (post-norm, per-layer u/v models only). The
     kernels are the model's: its few-row products and one-query position term (in the form
-    ``column_products_win`` chose) and the head-major keys/values and position terms."""
+    ``cpu_product_form`` chose) and the head-major keys/values and position terms."""
     import torch.nn.functional as F
 
-    from hf_txl.modeling_txl import column_products_win, scaled_position_scores, split_weight_linear
+    from hf_txl.kernels_txl import cpu_product_form, scaled_position_scores, split_weight_linear
 
-    few_row_linear = split_weight_linear if column_products_win() else F.linear
+    few_row_linear = split_weight_linear if cpu_product_form() == "column" else F.linear
 
     config, model = MODEL.config, MODEL.transformer
     assert not config.pre_lnorm and config.untie_r and not config.uses_adaptive(), "post-norm, untie_r, plain softmax"

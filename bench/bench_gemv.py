@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hf_txl.modeling_txl import one_row_linear, split_weight_linear  # noqa: E402
+from hf_txl.kernels_txl import one_row_linear, split_weight_linear  # noqa: E402
 from hf_txl.training import keep_freed_memory_in_process  # noqa: E402
 
 

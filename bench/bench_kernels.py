@@ -10,10 +10,10 @@ mask's dtype decides whether these passes run at memory speed. Rows, medians of 
 alternating:
 
 * dropout: the comparison of random 16-bit words with ``p`` writing bool, then ``where(keep, x, 0).mul_(scale)``, vs
-  writing uint8 (``out=``), then ``addcmul(0, x, keep, value=scale)`` (``hf_txl.modeling_txl._WordDropout``);
+  writing uint8 (``out=``), then ``addcmul(0, x, keep, value=scale)`` (``hf_txl.kernels_txl._WordDropout``);
   and the apply alone (the backward pass);
 * attention mask: ``scores.masked_fill(~allowed, min)`` vs ``scores + additive_mask(allowed)``
-  (``hf_txl.modeling_txl.additive_mask``), on ``[B, H, T, K]`` scores with a ``[1, 1, T, K]`` mask;
+  (``hf_txl.kernels_txl.additive_mask``), on ``[B, H, T, K]`` scores with a ``[1, 1, T, K]`` mask;
 * for scale, a plain ``x * 1.1`` over the same tensor (one read, one write: the speed of memory here).
 
 Every pair is checked equal before it is timed.
@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_speed import cpu_info  # noqa: E402  (the machine header of bench_speed.py)
 
-from hf_txl.modeling_txl import _keep_scaled, additive_mask  # noqa: E402
+from hf_txl.kernels_txl import _keep_scaled, additive_mask  # noqa: E402
 from hf_txl.training import keep_freed_memory_in_process  # noqa: E402
 
 
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     def bool_dropout():  # the mask as bool, then where
         return torch.where(words >= threshold, x, x.new_zeros(())).mul_(scale)
 
-    def uint8_dropout():  # the mask as uint8, then one addcmul (hf_txl.modeling_txl._WordDropout)
+    def uint8_dropout():  # the mask as uint8, then one addcmul (hf_txl.kernels_txl._WordDropout)
         keep = torch.empty(x.shape, dtype=torch.uint8)
         return _keep_scaled(x, torch.ge(words, threshold, out=keep), scale)
 

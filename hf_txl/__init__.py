@@ -28,9 +28,9 @@ AutoModel.register(TxlConfig, TxlModel, exist_ok=True)
 AutoModelForCausalLM.register(TxlConfig, TxlForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(TxlConfig, TxlForSequenceClassification, exist_ok=True)
 
-# `save_pretrained` then writes `auto_map` into config.json and copies configuration_txl.py, modeling_txl.py,
-# cache_txl.py and adaptive_txl.py next to the weights, so the directory also loads with `trust_remote_code=True`
-# where hf_txl is not installed.
+# `save_pretrained` then writes `auto_map` into config.json and copies configuration_txl.py, modeling_txl.py and the
+# siblings it imports (cache_txl.py, adaptive_txl.py, kernels_txl.py) next to the weights, so the directory also loads
+# with `trust_remote_code=True` where hf_txl is not installed.
 TxlConfig.register_for_auto_class()
 TxlModel.register_for_auto_class("AutoModel")
 TxlForCausalLM.register_for_auto_class("AutoModelForCausalLM")

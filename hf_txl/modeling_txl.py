@@ -31,14 +31,16 @@ What is kept from the original code (kimiyoung/transformer-xl, ``attn_type=0``):
     * post-norm by default, ReLU feed-forward, embeddings scaled by sqrt(d_model), no final LayerNorm.
 
 Deliberate additions: an ``attention_mask`` for padded batches whose padding is remembered by the memory, SDPA and
-flex_attention functions next to the eager reference (chosen by ``config._attn_implementation``), the memory as a
+flex_attention implementations of the eager reference (chosen by ``config._attn_implementation``), the memory as a
 transformers ``Cache`` (``cache=``, alias ``mems=``), and a transformers-style ``loss`` / ``generate()``.
 
-Layout, small to big: positions, dropout, attention functions, attention module, feed-forward, layer, outputs,
-pretrained base, model, heads; the adaptive embedding and softmax (word-level vocabularies) are in
-``adaptive_txl.py``. This file is shipped next to the weights by ``save_pretrained`` so that ``trust_remote_code``
-users can load the model without hf_txl: it imports only torch, transformers and its siblings
-``.configuration_txl``, ``.cache_txl`` and ``.adaptive_txl``.
+Layout, small to big: positions, masks, the attention reference, modules (dropout, attention, feed-forward, layer),
+outputs, pretrained base, input checks, model, heads. This file holds the reference maths; ``kernels_txl.py`` holds
+the kernel choices that compute the same with fewer passes or faster CPU kernels (the SDPA and flex_attention
+implementations, CPU dropout, products of a few rows), and ``adaptive_txl.py`` the adaptive embedding and softmax
+(word-level vocabularies). This file is shipped next to the weights by ``save_pretrained`` so that
+``trust_remote_code`` users can load the model without hf_txl: it imports only torch, transformers and its siblings
+``.configuration_txl``, ``.cache_txl``, ``.adaptive_txl`` and ``.kernels_txl``.
 """
 
 from __future__ import annotations
@@ -53,7 +55,6 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_utils import AttentionInterface
 from transformers.utils import ModelOutput, can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
@@ -66,6 +67,14 @@ from .adaptive_txl import (
 )
 from .cache_txl import TxlCache, resolve_cache
 from .configuration_txl import TxlConfig
+from .kernels_txl import (
+    TXL_ATTENTION_FUNCTIONS,
+    TxlAttentionInterface,
+    align_cpu_parameters,
+    dropout_function,
+    project,
+    sdpa_rel_attention,
+)
 
 # ----------------------------------------------------------------------------------------------------
 # Positions
@@ -109,6 +118,11 @@ def rel_shift(x: torch.Tensor) -> torch.Tensor:
     return x_padded[..., 1:, :].view(*lead, qlen, klen)  # [..., T, K]
 
 
+# ----------------------------------------------------------------------------------------------------
+# Masks
+# ----------------------------------------------------------------------------------------------------
+
+
 def causal_memory_mask(qlen: int, mlen: int, mem_len: int, same_length: bool, device=None) -> torch.Tensor:
     """Which keys each query may see: ``[T, K]`` bool, True = attend.
 
@@ -132,176 +146,48 @@ def sees_every_key(qlen: int, mlen: int, mem_len: int, same_length: bool) -> boo
     return qlen == 1 and (not same_length or mlen + 1 <= mem_len)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Dropout
-# ----------------------------------------------------------------------------------------------------
+def segment_mask(attention_mask, batch: int, qlen: int, seen: int) -> torch.Tensor | None:
+    """The ``[B, T]`` mask of the current segment. ``attention_mask`` covers the segment (``[B, T]``) or, as
+    transformers' ``generate()`` passes it, every token so far (``[B, seen + T]``); the memory remembers its own
+    padding, so only the last T columns are read."""
+    if attention_mask is None:
+        return None
+    shape = tuple(attention_mask.shape)
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or shape[1] not in (qlen, seen + qlen):
+        raise ValueError(
+            f"`attention_mask` must have shape [batch, seq_len] = {[batch, qlen]} (the current segment; the memory "
+            f"remembers its own padding) or [batch, tokens so far + seq_len] = {[batch, seen + qlen]}, got "
+            f"{list(shape)}."
+        )
+    return attention_mask[:, -qlen:]
 
 
-class _WordDropout(torch.autograd.Function):
-    """Dropout whose keep mask comes from 16-bit random words (see :func:`fast_dropout`)."""
-
-    @staticmethod
-    def forward(ctx, x, p):
-        threshold = round(p * 65536)  # P(keep) = 1 - threshold / 2^16
-        words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device)
-        words.random_(-(2**63), 2**63 - 1)  # uniform over (almost) all 64-bit patterns
-        keep = torch.empty(x.shape, dtype=torch.uint8, device=x.device)  # 0 / 1, one byte per element
-        torch.ge(words.view(torch.int16)[: x.numel()].view(x.shape), threshold - 32768, out=keep)
-        ctx.scale = 65536 / (65536 - threshold)
-        ctx.save_for_backward(keep)
-        return _keep_scaled(x, keep, ctx.scale)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (keep,) = ctx.saved_tensors
-        return _keep_scaled(grad, keep, ctx.scale), None
+def key_padding(memory_mask, segment_mask, batch, mlen, qlen, device) -> torch.Tensor | None:
+    """``[B, M + T]`` bool (True = real token) over [memory; segment], or None when nothing is padded."""
+    if memory_mask is None and segment_mask is None:
+        return None
+    if memory_mask is None:
+        memory_mask = torch.ones(batch, mlen, dtype=torch.bool, device=device)
+    if segment_mask is None:
+        segment_mask = torch.ones(batch, qlen, dtype=torch.bool, device=device)
+    return torch.cat([memory_mask.to(device), segment_mask.to(device).bool()], dim=1)
 
 
-def _keep_scaled(x, keep, scale):
-    """``x * keep * scale`` in one pass, ``keep`` a uint8 0 / 1 mask (``x``'s dtype out). Bool masks take slow
-    kernels on the CPU: ``where`` or ``masked_fill`` with a bool mask, or a comparison writing bool, are 2.5-10x
-    slower than the uint8 forms (``bench/bench_kernels.py``)."""
-    return torch.addcmul(x.new_zeros(()), x, keep, value=scale)
-
-
-def fast_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Inverted dropout, ``x * keep / P(keep)``, with a cheaper random mask on the CPU.
-
-    ``F.dropout`` on the CPU draws one Bernoulli sample per element from the Mersenne twister; drawing 64-bit
-    words and comparing their 16-bit pieces with ``p`` into a uint8 mask is 3-6x faster, and dropout is a quarter
-    of a small model's training step there. ``p`` is rounded to a multiple of 2^-16 and the scale uses the rounded
-    value, so the output stays unbiased. Other devices (fused dropout kernels already) and ``p`` in {0, 1} use
-    ``F.dropout``.
-    """
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu" or p >= 1.0 or torch.compiler.is_compiling():
-        return F.dropout(x, p, training)
-    return _WordDropout.apply(x, p)
-
-
-TXL_DROPOUT_FUNCTIONS = {"sdpa": fast_dropout}  # by attention implementation; the eager reference keeps F.dropout
-
-
-class TxlDropout(nn.Dropout):
-    """``nn.Dropout`` computed with the dropout of the attention implementation (:func:`fast_dropout` for
-    ``"sdpa"``; ``F.dropout`` for the eager reference)."""
-
-    def __init__(self, config: TxlConfig):
-        super().__init__(config.dropout)
-        self.config = config
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dropout = TXL_DROPOUT_FUNCTIONS.get(self.config._attn_implementation, F.dropout)
-        return dropout(x, self.p, self.training)
+def allowed_keys(qlen, mlen, config, key_is_real, device) -> torch.Tensor | None:
+    """Keys each query may see ``[B|1, T, K]``: causal over [memory; segment], minus padding; None when every query
+    sees every key (a generation step without padding: no mask to build or apply)."""
+    if key_is_real is None and sees_every_key(qlen, mlen, config.mem_len, config.same_length):
+        return None
+    allowed = causal_memory_mask(qlen, mlen, config.mem_len, config.same_length, device=device)[None]  # [1, T, K]
+    if key_is_real is not None:
+        # A padded query still sees itself, so that no softmax row is empty.
+        self_key = F.pad(torch.eye(qlen, dtype=torch.bool, device=device), (mlen, 0))[None]  # [1, T, K]
+        allowed = (allowed & key_is_real[:, None, :]) | self_key  # [B, T, K]
+    return allowed
 
 
 # ----------------------------------------------------------------------------------------------------
-# Projections of a few rows (generation steps)
-# ----------------------------------------------------------------------------------------------------
-
-FEW_ROWS = 128  # up to this many input rows (batch x tokens), CPU inference may take the split-weight product
-PLAIN_TENSOR_TYPES = (nn.Parameter, torch.Tensor)
-COLUMN_PRODUCTS_WIN: dict[int, bool] = {}  # by torch thread count: measured once per process (column_products_win)
-COLUMN_PRODUCTS_MARGIN = 1.25  # the matrix-times-column form must be this much faster to be taken
-REDUCED_FLOATS = (torch.bfloat16, torch.float16)  # one row in these takes addmv (one_row_linear)
-
-
-def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)``; on the CPU without gradients, inputs of at most ``FEW_ROWS`` rows (a generation step) call
-    the product directly. float32: :func:`split_weight_linear` where it is faster on this CPU
-    (:func:`column_products_win`), else ``F.linear`` (which skips the module call). bf16 / fp16, one row:
-    :func:`one_row_linear`. Anything else (autocast, gradients, hooks, subclasses such as quantized or adapter
-    layers, other devices, mixed dtypes, tracing) calls the layer itself."""
-    weight = layer.weight
-    if (
-        x.numel() > FEW_ROWS * x.shape[-1]
-        or type(layer) is not nn.Linear
-        or type(weight) not in PLAIN_TENSOR_TYPES  # e.g. a DTensor (FSDP)
-        or x.dtype != weight.dtype
-        or x.device.type != "cpu"
-        or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        or layer._forward_hooks
-        or layer._forward_pre_hooks
-        or torch.is_autocast_enabled("cpu")
-        or torch.compiler.is_compiling()
-    ):
-        return layer(x)
-    if x.dtype == torch.float32:
-        if column_products_win():
-            return split_weight_linear(x, weight, layer.bias)
-        return F.linear(x, weight, layer.bias)
-    if x.dtype in REDUCED_FLOATS and x.numel() == x.shape[-1]:
-        return one_row_linear(x, weight, layer.bias)
-    return layer(x)
-
-
-def one_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear`` of one row (``x`` ``[..., in]`` with one row in all) as a matrix-vector product: on the CPU in
-    bf16 / fp16, ``addmv`` streams the weights 1.4x faster than ``F.linear``'s matrix-product path
-    (``bench/bench_gemv.py``: 11.5 vs 8.1 GB/s in bf16 on the Intel AMX VM), with the same result there."""
-    row = x.reshape(-1)
-    out = torch.mv(weight, row) if bias is None else torch.addmv(bias, weight, row)
-    return out.view(*x.shape[:-1], weight.shape[0])
-
-
-def column_products_win() -> bool:
-    """Whether this CPU runs one-row products faster as a matrix times a column (``bmm(W, x^T)``:
-    :func:`split_weight_linear`, and the one-query position term of :func:`scaled_position_scores`) than as a row
-    times a transposed matrix (``F.linear(x, W)``, ``q @ P^T``), by at least ``COLUMN_PRODUCTS_MARGIN``: timed once
-    per process and thread count (about 25 ms, 16 MiB of float32 weights, beyond the L2 caches). The answer is the
-    machine's: on AMD EPYC torch's one-row ``F.linear`` reads weights at about a third of the memory bandwidth and
-    the split product about 3x faster; on Intel Xeon (Sapphire Rapids) ``F.linear`` reads at close to it and the
-    split product 2-3x slower (``bench/bench_gemv.py``). Both forms compute the same product; they may differ in the
-    last bits."""
-    threads = torch.get_num_threads()
-    if threads not in COLUMN_PRODUCTS_WIN:
-        COLUMN_PRODUCTS_WIN[threads] = _time_one_row_products() * COLUMN_PRODUCTS_MARGIN <= 1.0
-    return COLUMN_PRODUCTS_WIN[threads]
-
-
-def _time_one_row_products(repeats: int = 3) -> float:
-    """Best time of :func:`split_weight_linear` over best time of ``F.linear``, one row through four float32
-    weights of 2048 x 512 (16 MiB, written so that no page is shared zeros)."""
-    import time
-
-    weights = [torch.ones(2048, 512) for _ in range(4)]
-    x = torch.ones(1, 512)
-    best = {}
-    with torch.no_grad():
-        for name, product in (("linear", F.linear), ("split", split_weight_linear)):
-            product(x, weights[0], None)  # warm-up
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                for weight in weights:
-                    product(x, weight, None)
-                times.append(time.perf_counter() - start)
-            best[name] = min(times)
-    return best["split"] / best["linear"]
-
-
-def split_weight_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for a few rows as one batched product over P blocks of the weight's output rows
-    (a view, no copy): ``[P, out/P, in] @ [P, in, rows]``. On CPUs where ``F.linear``'s one-row kernel reads the weight
-    at a third of the memory bandwidth (AMD EPYC), torch's CPU ``bmm`` streams it at close to it; elsewhere it is
-    slower (:func:`column_products_win` decides). x ``[..., in]``."""
-    out_features, in_features = weight.shape
-    blocks = 8 if out_features % 8 == 0 else 4 if out_features % 4 == 0 else 2 if out_features % 2 == 0 else 1
-    rows = x.numel() // in_features
-    inputs = x.reshape(rows, in_features).t().expand(blocks, in_features, rows)  # [P, in, rows] (strides 0, 1, in)
-    weight_blocks = weight.view(blocks, out_features // blocks, in_features)  # [P, out/P, in]
-    if bias is None:
-        out = torch.bmm(weight_blocks, inputs)
-    else:
-        out = torch.baddbmm(bias.view(blocks, -1, 1), weight_blocks, inputs)  # [P, out/P, rows]
-    if rows != 1:
-        out = out.view(out_features, rows).t().contiguous()  # [rows, out]
-    return out.view(*x.shape[:-1], out_features)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Attention functions: one eager reference; SDPA and flex_attention implementations with the same signature
+# Attention: the reference (its SDPA and flex_attention implementations are in kernels_txl.py)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -330,189 +216,21 @@ def eager_rel_attention(module, query, key, value, position_head, allowed, *, u,
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs  # [B, T, H, D]
 
 
-class _ShiftedView(torch.autograd.Function):
-    """The rel-shift of a position term computed with a leading zero column, as a view (see
-    :func:`fused_rel_attention`); its backward writes the gradient back into the padded layout with one copy
-    (autograd's generic slice backward would zero the whole padded tensor first)."""
-
-    @staticmethod
-    def forward(ctx, padded):  # [B, H, T, K+1], column 0 zero
-        batch, n_head, qlen, klen_1 = padded.shape
-        ctx.shape = padded.shape
-        return padded.view(batch, n_head, klen_1, qlen)[:, :, 1:].view(batch, n_head, qlen, klen_1 - 1)
-
-    @staticmethod
-    def backward(ctx, grad):  # [B, H, T, K]
-        batch, n_head, qlen, klen_1 = ctx.shape
-        out = grad.new_empty(batch, n_head, qlen * klen_1)
-        out[..., :qlen].zero_()  # the padding column's T entries, wrapped to the front
-        out[..., qlen:].view(batch, n_head, qlen, klen_1 - 1).copy_(grad)
-        return out.view(ctx.shape)
-
-
-def _shifted_view(padded: torch.Tensor) -> torch.Tensor:
-    """``padded`` ``[B, H, T, K+1]`` whose column 0 is zero -> the rel-shifted ``[B, H, T, K]`` (equal to
-    :func:`rel_shift` of columns ``1..K``), without a copy."""
-    return _ShiftedView.apply(padded)
-
-
-def scaled_position_scores(query, position_head, v, scaling) -> torch.Tensor:
-    """BD * scale ``[B, H, T, K]``, column j for key j, computed without a shift copy: the position projection gets a
-    zero column in front (``[H, D, K+1]``), so the matmul itself writes the padded rows of :func:`rel_shift` and the
-    shift is a view. One query (a generation step) sits at distance ``K-1-j`` from key j: nothing to shift, and the
-    product reads the cached head-major position term in the form this CPU streams faster
-    (:func:`column_products_win`): ``[H, K, D] @ [H, D, B]`` or ``[H, B, D] @ [H, D, K]``. The scale is folded
-    into the smaller operand. Entries of future keys are the shift's garbage (masked later)."""
-    if query.shape[2] == 1:
-        query_v = (query[:, :, 0] + v) * scaling  # [B, H, D]
-        if query.device.type == "cpu" and query.dtype == torch.float32 and not column_products_win():
-            return torch.matmul(query_v.transpose(0, 1), position_head.transpose(1, 2)).transpose(0, 1)[:, :, None]
-        return torch.bmm(position_head, query_v.permute(1, 2, 0)).permute(2, 0, 1)[:, :, None]  # [B, H, 1, K]
-    r_k = position_head.transpose(1, 2)  # [H, D, K]
-    r_padded = F.pad(r_k * scaling, (1, 0))  # [H, D, K+1], column 0 zero
-    return _ShiftedView.apply(torch.matmul(query + v[:, None, :], r_padded))  # [B, H, T, K]
-
-
-def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``allowed`` (bool, any shape) as scores to add: 0 where allowed, ``finfo(dtype).min`` where hidden. After
-    the addition a hidden score is ``finfo.min`` as ``masked_fill`` gives (float32 / bf16: scores are far below its
-    rounding step; float16: within a few units of it), so softmax gives it exactly zero probability and gradient.
-    Computed through the mask's bytes: bool kernels are slow on the CPU (see :func:`_keep_scaled`)."""
-    return (allowed.view(torch.uint8).to(dtype) - 1) * torch.finfo(dtype).max
-
-
-def sdpa_rel_attention(module, query, key, value, position_head, allowed, *, u, v, scaling, dropout=0.0, **kwargs):
-    """The maths of :func:`eager_rel_attention` with fewer passes over the ``[B, H, T, K]`` scores
-    (``attn_implementation="sdpa"``, the default).
-
-    * BD needs no shift copy and carries the scale 1/sqrt(D) (:func:`scaled_position_scores`); the mask is added
-      once, to BD, as ``0`` / ``finfo.min`` (:func:`additive_mask`: one pass that also makes BD contiguous, and no
-      gradient pass: softmax already gives hidden keys a zero gradient).
-    * Without gradients BD is the additive ``attn_mask`` of ``F.scaled_dot_product_attention`` (fused kernels). With
-      them (SDPA cannot return a gradient for its mask) one in-place ``baddbmm_`` adds AC into BD, and dropout is
-      :func:`fast_dropout`.
-
-    Same arguments and shapes as :func:`eager_rel_attention`; returns the output and None.
-    """
-    batch, n_head, qlen, d_head = query.shape
-    klen = key.shape[2]
-    position_scores = scaled_position_scores(query, position_head, v, scaling)  # BD * scale: [B, H, T, K]
-    if allowed is not None:
-        position_scores = position_scores + additive_mask(allowed, position_scores.dtype)[:, None]
-    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or position_head.requires_grad)
-    if not needs_grad and dropout == 0.0:
-        out = F.scaled_dot_product_attention(
-            query + u[:, None, :], key, value, attn_mask=position_scores, scale=scaling
-        )
-        return out.transpose(1, 2).contiguous(), None  # [B, T, H, D]
-    content_query = (query + u[:, None, :]).reshape(batch * n_head, qlen, d_head)  # [B*H, T, D]
-    keys = key.reshape(batch * n_head, klen, d_head).transpose(1, 2)  # [B*H, D, K]
-    # AC * scale + (BD * scale, masked) in one GEMM that accumulates into (a fresh copy of) the position term.
-    if allowed is None:
-        position_scores = position_scores.clone(memory_format=torch.contiguous_format)
-    dtype = position_scores.dtype  # in-place ops skip autocast: cast as autocast casts baddbmm's operands
-    scores = position_scores.view(batch * n_head, qlen, klen)
-    scores.baddbmm_(content_query.to(dtype), keys.to(dtype), alpha=scaling)
-    # bf16 / fp16 scores: torch's softmax kernels accumulate in float32 and round once, so the probabilities equal the
-    # eager reference's float32 softmax cast back, without the two casts (and their backward) over [B*H, T, K].
-    probs = fast_dropout(torch.softmax(scores, dim=-1).to(value.dtype), dropout, module.training)
-    out = torch.bmm(probs, value.reshape(batch * n_head, klen, d_head))  # [B*H, T, D]
-    return out.view(batch, n_head, qlen, d_head).transpose(1, 2).contiguous(), None  # [B, T, H, D]
-
-
-FLEX_NO_BACKWARD_DEVICES = ("cpu", "mps")  # where torch's flex_attention refuses inputs that require gradients
-FLEX_NO_COMPILE_DEVICES = ("cpu",)  # where inductor cannot lower this flex_attention (its score_mod reads BD)
-
-
-def flex_rel_attention(module, query, key, value, position_head, allowed, *, u, v, scaling, dropout=0.0, **kwargs):
-    """The maths of :func:`eager_rel_attention` through ``torch.nn.attention.flex_attention``
-    (``attn_implementation="flex_attention"``).
-
-    * AC is flex_attention's own query-key product, of ``q + u`` and ``k``, scaled by ``scale=scaling``.
-    * BD * scale is computed once (:func:`scaled_position_scores`, ``[B, H, T, K]``) and added by the ``score_mod``,
-      which reads ``bd[b, h, q_idx, kv_idx]``; autograd reaches it as a captured buffer.
-    * ``allowed`` (causal over [memory; segment], ``same_length``, padding of the memory and of the segment) becomes
-      the ``block_mask``, whose ``mask_mod`` reads ``allowed[b, q_idx, kv_idx]``; a compiled kernel skips the blocks
-      it hides. ``allowed=None`` (a generation step that sees every key) needs no mask.
-    * Attention dropout (``config.dropatt``) cannot be expressed (flex_attention never exposes the probabilities):
-      training with ``dropatt > 0`` raises a ``ValueError``.
-    * flex_attention has no backward on the CPU (nor MPS): when autograd needs gradients there (training, or a
-      forward outside ``torch.no_grad()``), this call computes :func:`eager_rel_attention` instead, with a one-time
-      warning. Under ``torch.no_grad()`` / ``inference_mode`` the CPU runs flex_attention.
-    * Outside ``torch.compile`` flex_attention traces ``score_mod`` / ``mask_mod`` with dynamo (its ``"eager"``
-      backend: no C++ compiler or Triton is needed) and runs an unfused implementation that materialises the
-      ``[B, H, T, K]`` scores: correct, not faster than eager. ``torch.compile`` the model for the fused kernel (CUDA).
-      On the CPU inductor cannot lower it (torch 2.13: no kernel choice for a ``score_mod`` that reads a tensor), so
-      there a compiled model runs :func:`sdpa_rel_attention` (the same maths) instead, with a one-time warning.
-
-    Same arguments and shapes as :func:`eager_rel_attention`; returns the output and None.
-    """
-    if dropout > 0.0 and module.training:
-        raise ValueError(
-            f"attn_implementation='flex_attention' cannot apply attention dropout (config.dropatt={dropout}): "
-            "flex_attention never exposes the attention probabilities. Train with dropatt=0.0, or with "
-            "attn_implementation='sdpa' or 'eager'."
-        )
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, position_head, u, v))
-    if needs_grad and query.device.type in FLEX_NO_BACKWARD_DEVICES:
-        from transformers.utils import logging
-
-        logging.get_logger(__name__).warning_once(
-            f"flex_attention has no backward pass on {query.device.type}: attention with gradients runs the eager "
-            "reference (same maths) instead. Use torch.no_grad() for inference, or a CUDA device to train with flex."
-        )
-        return eager_rel_attention(
-            module, query, key, value, position_head, allowed, u=u, v=v, scaling=scaling, dropout=dropout
-        )
-    if query.device.type in FLEX_NO_COMPILE_DEVICES and torch.compiler.is_compiling():
-        from transformers.utils import logging
-
-        logging.get_logger(__name__).warning_once(
-            f"torch.compile cannot lower flex_attention with hf_txl's position term on {query.device.type}: the "
-            "compiled model runs the SDPA implementation (same maths) there. Compile on a CUDA device for flex's "
-            "fused kernel."
-        )
-        return sdpa_rel_attention(
-            module, query, key, value, position_head, allowed, u=u, v=v, scaling=scaling, dropout=dropout
-        )
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    batch, _, qlen, _ = query.shape
-    klen = key.shape[2]
-    position_scores = scaled_position_scores(query, position_head, v, scaling)  # BD * scale: [B, H, T, K]
-
-    def add_position_term(score, b, h, q_idx, kv_idx):
-        return score + position_scores[b, h, q_idx, kv_idx]
-
-    block_mask = None
-    if allowed is not None:
-        allowed_keys = allowed.expand(batch, qlen, klen)  # [B, T, K] (a view when allowed is [1, T, K])
-
-        def key_is_allowed(b, h, q_idx, kv_idx):
-            return allowed_keys[b, q_idx, kv_idx]
-
-        mask_batch = None if allowed.shape[0] == 1 else batch  # None: one mask for the whole batch
-        block_mask = create_block_mask(key_is_allowed, mask_batch, None, qlen, klen, device=query.device)
-    out = flex_attention(
-        query + u[:, None, :], key, value, score_mod=add_position_term, block_mask=block_mask, scale=scaling
-    )  # [B, H, T, D]
-    return out.transpose(1, 2).contiguous(), None  # [B, T, H, D]
-
-
-class TxlAttentionInterface(AttentionInterface):
-    """The relative-attention functions, by ``config._attn_implementation`` (``"eager"`` is
-    :func:`eager_rel_attention`). Their signature is not transformers' (they take the position term), so they live
-    in this registry of their own: ``TxlAttentionInterface.register("name", fn)`` adds one."""
-
-    _global_mapping = {"sdpa": sdpa_rel_attention, "flex_attention": flex_rel_attention}
-
-
-TXL_ATTENTION_FUNCTIONS = TxlAttentionInterface()
-
-
 # ----------------------------------------------------------------------------------------------------
-# Layers
+# Modules
 # ----------------------------------------------------------------------------------------------------
+
+
+class TxlDropout(nn.Dropout):
+    """``nn.Dropout`` computed with the dropout of the attention implementation (``kernels_txl.dropout_function``:
+    its fast CPU dropout for ``"sdpa"``, ``F.dropout`` for the eager reference)."""
+
+    def __init__(self, config: TxlConfig):
+        super().__init__(config.dropout)
+        self.config = config
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout_function(self.config._attn_implementation)(x, self.p, self.training)
 
 
 class TxlRelAttention(nn.Module):
@@ -572,6 +290,7 @@ class TxlRelAttention(nn.Module):
         out, probs = attention(
             self, query, key, value, position_head, allowed,
             u=r_w_bias, v=r_r_bias, scaling=self.scaling, dropout=self.dropatt if self.training else 0.0,
+            reference=eager_rel_attention,
         )  # fmt: skip
         out = project(self.o_proj, out.reshape(batch, qlen, inner))
         if self.training:  # (skipping the eval no-op saves per-token overhead in generation)
@@ -688,16 +407,6 @@ class TxlSequenceClassifierOutput(ModelOutput):
         return self.cache
 
 
-def align_cpu_parameters(model: nn.Module, alignment: int = 64) -> None:
-    """Copy every floating-point CPU parameter and buffer whose data is not ``alignment``-byte aligned into fresh
-    (aligned) memory, in place (``.data``: the parameter objects, and so tied weights, stay as they were). torch
-    allocates CPU tensors 64-byte aligned; a memory-mapped checkpoint does not."""
-    with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
-            if tensor.device.type == "cpu" and tensor.is_floating_point() and tensor.data_ptr() % alignment:
-                tensor.data = tensor.data.clone()
-
-
 # ----------------------------------------------------------------------------------------------------
 # Pretrained base
 # ----------------------------------------------------------------------------------------------------
@@ -724,7 +433,7 @@ class TxlPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, *args, **kwargs):
         """transformers' ``from_pretrained``, then :func:`align_cpu_parameters`: safetensors maps CPU weights at
         addresses 8 bytes past a 64-byte boundary, and the CPU kernels of a generation step
-        (:func:`project`'s products) round differently there. Aligned, a loaded model computes bit for bit what the
+        (``kernels_txl.project``) round differently there. Aligned, a loaded model computes bit for bit what the
         saved one did."""
         loaded = super().from_pretrained(*args, **kwargs)
         align_cpu_parameters(loaded[0] if isinstance(loaded, tuple) else loaded)  # (model, loading_info) on request
@@ -826,46 +535,6 @@ def check_token_ids(name: str, ids: torch.Tensor, vocab_size: int, ignore_index:
             f"`{name}` contains ids outside the vocabulary {allowed}: found values in [{low}, {high}]. Use the "
             "model's tokenizer, or resize the embeddings with `model.resize_token_embeddings(len(tokenizer))`."
         )
-
-
-def segment_mask(attention_mask, batch: int, qlen: int, seen: int) -> torch.Tensor | None:
-    """The ``[B, T]`` mask of the current segment. ``attention_mask`` covers the segment (``[B, T]``) or, as
-    transformers' ``generate()`` passes it, every token so far (``[B, seen + T]``); the memory remembers its own
-    padding, so only the last T columns are read."""
-    if attention_mask is None:
-        return None
-    shape = tuple(attention_mask.shape)
-    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or shape[1] not in (qlen, seen + qlen):
-        raise ValueError(
-            f"`attention_mask` must have shape [batch, seq_len] = {[batch, qlen]} (the current segment; the memory "
-            f"remembers its own padding) or [batch, tokens so far + seq_len] = {[batch, seen + qlen]}, got "
-            f"{list(shape)}."
-        )
-    return attention_mask[:, -qlen:]
-
-
-def key_padding(memory_mask, segment_mask, batch, mlen, qlen, device) -> torch.Tensor | None:
-    """``[B, M + T]`` bool (True = real token) over [memory; segment], or None when nothing is padded."""
-    if memory_mask is None and segment_mask is None:
-        return None
-    if memory_mask is None:
-        memory_mask = torch.ones(batch, mlen, dtype=torch.bool, device=device)
-    if segment_mask is None:
-        segment_mask = torch.ones(batch, qlen, dtype=torch.bool, device=device)
-    return torch.cat([memory_mask.to(device), segment_mask.to(device).bool()], dim=1)
-
-
-def allowed_keys(qlen, mlen, config, key_is_real, device) -> torch.Tensor | None:
-    """Keys each query may see ``[B|1, T, K]``: causal over [memory; segment], minus padding; None when every query
-    sees every key (a generation step without padding: no mask to build or apply)."""
-    if key_is_real is None and sees_every_key(qlen, mlen, config.mem_len, config.same_length):
-        return None
-    allowed = causal_memory_mask(qlen, mlen, config.mem_len, config.same_length, device=device)[None]  # [1, T, K]
-    if key_is_real is not None:
-        # A padded query still sees itself, so that no softmax row is empty.
-        self_key = F.pad(torch.eye(qlen, dtype=torch.bool, device=device), (mlen, 0))[None]  # [1, T, K]
-        allowed = (allowed & key_is_real[:, None, :]) | self_key  # [B, T, K]
-    return allowed
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""``attn_implementation="flex_attention"`` (:func:`hf_txl.modeling_txl.flex_rel_attention`) equals the eager
-reference: logits, loss, gradients and greedy generation, with memory, ``same_length``, ``clamp_len``, ``untie_r``
-and left-padded batches; and each way of selecting it reaches torch's ``flex_attention``.
+"""``attn_implementation="flex_attention"`` (:func:`hf_txl.kernels_txl.flex_rel_attention`) equals the eager
+reference: logits, loss, gradients and the logits of greedy generation, with memory, ``same_length``, ``clamp_len``,
+``untie_r`` and left-padded batches; and each way of selecting it reaches torch's ``flex_attention``.
 
 torch's flex_attention has no backward on the CPU: there, attention that needs gradients runs the eager reference
 (tested), and the flex gradients themselves are checked by lifting torch's CPU guard, which leaves its (device
@@ -12,9 +12,10 @@ import torch
 import torch.nn.attention.flex_attention as torch_flex
 from conftest import eager_and_fast, left_padding, tiny_config
 
-import hf_txl.modeling_txl as modeling
+import hf_txl.kernels_txl as kernels
 from hf_txl import TxlForCausalLM
-from hf_txl.modeling_txl import eager_rel_attention, flex_rel_attention
+from hf_txl.kernels_txl import flex_rel_attention
+from hf_txl.modeling_txl import eager_rel_attention
 
 # Outside torch.compile flex_attention says once that it runs unfused: expected on the CPU.
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -47,7 +48,7 @@ def flex_backward_on_cpu(monkeypatch):
     """Let flex_attention differentiate on the CPU: torch refuses inputs that require gradients there (its unfused
     reference would handle them), and hf_txl falls back to eager for them."""
     monkeypatch.setattr(torch_flex, "_validate_device", lambda *tensors: None)
-    monkeypatch.setattr(modeling, "FLEX_NO_BACKWARD_DEVICES", ())
+    monkeypatch.setattr(kernels, "FLEX_NO_BACKWARD_DEVICES", ())
 
 
 def pair(**overrides):
@@ -89,6 +90,20 @@ def test_flex_function_matches_eager(qlen, mask_batch, flex_calls):
     out, probs = flex_rel_attention(*args, u=u, v=v, scaling=0.3)
     assert probs is None and len(flex_calls) == 1
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_flex_function_with_gradients_on_the_cpu_runs_the_reference_it_is_given(flex_calls):
+    batch, n_head, qlen, d_head = 2, 3, 4, 8
+    query = torch.randn(batch, n_head, qlen, d_head, requires_grad=True)
+    key, value = torch.randn(2, batch, n_head, qlen, d_head).unbind(0)
+    position_head = torch.randn(n_head, qlen, d_head)
+    u, v = torch.randn(2, n_head, d_head).unbind(0)
+    args = (torch.nn.Module(), query, key, value, position_head, None)
+    out, probs = flex_rel_attention(*args, u=u, v=v, scaling=0.3, reference=eager_rel_attention)
+    expected, expected_probs = eager_rel_attention(*args, u=u, v=v, scaling=0.3)
+    assert not flex_calls and torch.equal(out, expected) and torch.equal(probs, expected_probs)
+    with pytest.raises(ValueError, match="no backward pass on cpu: pass the eager reference"):
+        flex_rel_attention(*args, u=u, v=v, scaling=0.3)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -166,15 +181,22 @@ def test_compiled_flex_on_the_cpu_runs_sdpa_with_the_same_outputs(flex_calls, ca
 
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_flex_greedy_generation_equals_eager(padded, flex_calls):
-    eager, flex = pair(mem_len=8, same_length=padded)
+def test_flex_greedy_generation_logits_equal_eager(padded, flex_calls):
+    """Every step's logits, on weights where the memory changes them by units (init_std 0.5)."""
+    eager, flex = pair(mem_len=8, same_length=padded, init_std=0.5)
     prompt = torch.randint(1, 40, (2, 5))
     mask = left_padding(2, 5, 2) if padded else None
     kwargs = dict(max_new_tokens=12, do_sample=False, attention_mask=mask, pad_token_id=0)
+    kwargs.update(output_logits=True, return_dict_in_generate=True)
     expected = eager.eval().generate(prompt, **kwargs)
     got = flex.eval().generate(prompt, **kwargs)
     assert len(flex_calls) == 12 * flex.config.n_layer  # the prompt, then one call per new token
-    assert torch.equal(got, expected)
+    assert torch.equal(got.sequences, expected.sequences)
+    # logits of size ~9: measured at most 2e-5 apart (8 cases); the memory moves them by more than 2
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), atol=1e-4, rtol=0)
+    with torch.no_grad():
+        alone = eager(expected.sequences[:, -2:-1]).logits[:, -1]  # the last step's input without the memory
+    assert ((alone - expected.logits[-1]).abs().amax(-1) > 1.0).all()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -99,6 +99,7 @@ def test_auto_classes_resolve_and_round_trip_is_exact(tmp_path):
         "modeling_txl.py",
         "cache_txl.py",
         "adaptive_txl.py",
+        "kernels_txl.py",
     } <= files
     assert not any(name.endswith((".bin", ".pkl", ".pt")) for name in files)
     saved = json.loads((tmp_path / "config.json").read_text())
@@ -135,8 +136,9 @@ REMOTE_CODE_SCRIPT = textwrap.dedent(
         out = model(ids)
         second = model(ids, cache=out.cache)  # the memory, from the shipped cache_txl.py
     generated = model.generate(ids, max_new_tokens=5, do_sample=False)
+    kernels = [name for name in sys.modules if name.endswith(".kernels_txl")]  # the shipped kernel choices
     result = {"logits": out.logits.tolist(), "generated": generated.tolist(), "module": type(model).__module__,
-              "second": second.logits.tolist(), "cache": type(out.cache).__module__}
+              "second": second.logits.tolist(), "cache": type(out.cache).__module__, "kernels": kernels}
     print(json.dumps(result))
     """
 )
@@ -150,6 +152,7 @@ def test_trust_remote_code_load_without_hf_txl_gives_identical_logits(tmp_path):
     remote = run_without_hf_txl(REMOTE_CODE_SCRIPT, model_dir, json.dumps(ids.tolist()), tmp_path=tmp_path)
     assert remote["module"].startswith("transformers_modules")
     assert remote["cache"].startswith("transformers_modules") and remote["cache"].endswith("cache_txl")
+    assert len(remote["kernels"]) == 1 and remote["kernels"][0].startswith("transformers_modules")
     with torch.no_grad():
         first = model(ids)
         assert torch.equal(torch.tensor(remote["logits"]), first.logits)
