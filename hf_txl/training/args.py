@@ -73,7 +73,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     train.add_argument("--weight_decay", type=float)
     train.add_argument("--adam_beta1", type=float)
     train.add_argument("--adam_beta2", type=float)
-    train.add_argument("--num_train_epochs", type=float, help="Used when --max_train_steps is not given.")
+    train.add_argument("--num_train_epochs", type=float,
+                       help="Epochs instead of the preset's steps (an explicit --max_train_steps wins).")  # fmt: skip
     train.add_argument("--max_train_steps", type=int, help="Optimizer steps (overrides --num_train_epochs).")
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
     train.add_argument("--lr_scheduler_type", default="cosine")
@@ -118,6 +119,8 @@ def apply_preset(args: argparse.Namespace) -> None:
         eval_steps=0, max_eval_steps=0, eval_clamp_len=None, eval_same_length=False, tokenizer="char", min_frequency=1,
     )  # fmt: skip
     defaults.update(preset["train"])
+    if args.num_train_epochs is not None:  # an explicit epoch count wins over the preset's number of steps
+        defaults.pop("max_train_steps", None)
     for name, value in defaults.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
