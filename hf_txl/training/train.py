@@ -267,9 +267,8 @@ def training_function(args) -> dict:
                 save_checkpoint(args, accelerator, step, mems=mems, batches=batches, config=config)
             if step >= args.max_train_steps:
                 break
-        else:
-            if args.checkpointing_steps == "epoch":
-                save_checkpoint(args, accelerator, step, mems=mems, batches=batches, config=config)
+        if args.checkpointing_steps == "epoch" and batches.step == len(batches):  # an epoch ended (the last one too)
+            save_checkpoint(args, accelerator, step, mems=mems, batches=batches, config=config)
     progress.close()
 
     metrics = evaluate_stream(model, eval_ids, progress=accelerator.is_local_main_process, **evaluation)
