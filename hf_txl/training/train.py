@@ -157,6 +157,12 @@ def build_training_objects(args, accelerator, config):
     if args.torch_compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
+    embedding = accelerator.unwrap_model(model, keep_torch_compile=False).transformer.word_emb
+    if config.uses_adaptive() and hasattr(embedding, "set_reshard_after_forward"):
+        # FSDP2: Accelerate shards the input embedding as a unit of its own, released after its forward; the adaptive
+        # softmax reads its cluster weights and projections at the end of the forward, so keep them gathered until
+        # the backward is done (what Accelerate does for a tied embedding it recognises).
+        embedding.set_reshard_after_forward(False)
     scheduler = get_scheduler(
         args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps,
         num_training_steps=args.max_train_steps,
