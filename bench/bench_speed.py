@@ -417,7 +417,7 @@ def main(argv=None):
 def bf16_loss_curve(workers, results, quick):
     """bf16 autocast loss curve against fp32: hf_txl, small config, Tiny Shakespeare characters, same init and data."""
     c = CONFIGS["small"]
-    text = (ROOT / "hf_txl" / "data" / "tiny_shakespeare.txt").read_text()
+    text = (ROOT / "hf_txl" / "training" / "corpus" / "tiny_shakespeare.txt").read_text()
     vocab = {ch: i + 1 for i, ch in enumerate(sorted(set(text)))}
     curve_steps = 20 if quick else 150
     span = c["batch"] * c["tgt_len"]

@@ -165,7 +165,7 @@ def check_cached_generation(device) -> None:
 
 
 def check_bf16_training_follows_fp32(device, steps: int) -> None:
-    text = (ROOT / "hf_txl" / "data" / "tiny_shakespeare.txt").read_text()[:200_000]
+    text = (ROOT / "hf_txl" / "training" / "corpus" / "tiny_shakespeare.txt").read_text()[:200_000]
     vocab = {c: i + 1 for i, c in enumerate(sorted(set(text)))}
     stream = torch.tensor([vocab[c] for c in text], device=device)
     batch, tgt = 16, 64

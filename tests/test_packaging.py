@@ -21,12 +21,14 @@ def installed(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("wheel")
     source = tmp / "source"
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*SOURCE_ONLY))
-    (source / "hf_txl" / "model_card.md").unlink(missing_ok=True)  # the build must put it there itself
+    (source / "hf_txl" / "training" / "model_card.md").unlink(missing_ok=True)  # the build must put it there itself
     pip = [sys.executable, "-m", "pip", "-q"]
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp / "dist", source], check=True)
     (wheel,) = (tmp / "dist").glob("hf_txl-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "hf_txl/model_card.md" in names and "hf_txl/data/tiny_shakespeare.txt" in names, names
+    packaged = ("hf_txl/training/model_card.md", "hf_txl/training/corpus/tiny_shakespeare.txt",
+                "hf_txl/training/metrics/txl_lm/txl_lm.py", "hf_txl/kernels_txl.py")  # fmt: skip
+    assert all(name in names for name in packaged), [name for name in packaged if name not in names]
     subprocess.run([*pip, "install", "--no-deps", "--target", tmp / "site", wheel], check=True)
     return tmp / "site"
 
