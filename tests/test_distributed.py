@@ -1,5 +1,6 @@
 """Distributed training on two CPU processes (gloo): FSDP2 against DDP, exact FSDP2 resume, the export of a sharded
-run, and the Accelerate config files in ``configs/`` (each launched, so that the YAML is really parsed and used).
+run, FSDP2 with the tied adaptive softmax, the refusal to resume with another number of processes, and the Accelerate
+config files in ``configs/`` (each launched, so that the YAML is really parsed and used).
 
 Every run is module-scoped and shared by the tests that read it; each launch of two processes takes 10-20 s.
 """
@@ -35,8 +36,9 @@ WEIGHT_ATOL = 1e-6
 pytestmark = pytest.mark.slow
 
 
-def launch(launcher_args, output_dir, *train_args, port: int) -> str:
-    """``accelerate launch [launcher_args] scripts/train.py`` on the CPU (gloo); returns stdout + stderr."""
+def launch(launcher_args, output_dir, *train_args, port: int, check: bool = True):
+    """``accelerate launch [launcher_args] scripts/train.py`` on the CPU (gloo); returns stdout + stderr, or with
+    ``check=False`` the finished process (``returncode``, ``stdout``, ``stderr``) whatever its exit status."""
     env = {
         **os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
         "ACCELERATE_USE_CPU": "true",
@@ -46,6 +48,8 @@ def launch(launcher_args, output_dir, *train_args, port: int) -> str:
         str(ROOT / "scripts" / "train.py"), *TRAIN, "--output_dir", str(output_dir), *train_args,
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    if not check:
+        return result
     output = result.stdout + result.stderr
     if result.returncode != 0:
         raise AssertionError(f"accelerate launch failed ({result.returncode}):\n{output[-6000:]}")
@@ -200,3 +204,107 @@ def test_single_machine_config_file_runs_one_process(single_run):
     out, log = single_run
     assert "on 1 process(es) (NO)" in log
     assert (out / "model.safetensors").is_file() and set(losses(out)) == {1, 2}
+
+
+# --- FSDP2 with the adaptive input and softmax -----------------------------------------------------------------
+
+#: Three clusters (the 20 most frequent characters, the next 20, the rest) embedded in 32, 16 and 8 dimensions; the
+#: softmax reads the cluster weights of the input embedding (tie_word_embeddings, the default) and the tails' input
+#: projections (proj_share_all_but_first). Dropout off, so that one process can follow the two. The later
+#: --config_overrides replaces TRAIN's.
+ADAPTIVE = ["--config_overrides", "cutoffs=[20,40],div_val=2,proj_share_all_but_first=True", "--max_train_steps", "4"]
+#: FSDP2 on 2 x 2 rows against 1 process on 4 rows, after 4 steps: measured 1.2e-6 (lm_head.out_projs.0, elsewhere
+#: <= 1.5e-7; one AdamW step moves a weight by about the learning rate, 3e-3) and 1e-7 (losses, relative).
+ADAPTIVE_ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def adaptive_runs(tmp_path_factory):
+    """The adaptive model trained 4 steps by FSDP2 on 2 processes and by 1 process (python scripts/train.py) at the
+    same global batch, each with a checkpoint at step 4."""
+    from test_train import run_train
+
+    root = tmp_path_factory.mktemp("adaptive")
+    launch([*FSDP2_FLAGS, "--num_processes", "2"], root / "fsdp", *ADAPTIVE, port=29566)
+    run_train([*TRAIN, "--output_dir", str(root / "single"), *ADAPTIVE, "--per_device_train_batch_size", "4"])
+    return root / "fsdp", root / "single"
+
+
+def test_fsdp2_trains_the_tied_adaptive_softmax_like_one_process(adaptive_runs):
+    """The gradients that reach the shared cluster weights and projections from both the embedding and the softmax
+    are gathered and summed across the shards: losses and every weight follow the one-process run."""
+    sharded, single = adaptive_runs
+    assert losses(sharded).keys() == losses(single).keys() == set(range(1, 5))
+    for step, loss in losses(single).items():
+        assert losses(sharded)[step] == pytest.approx(loss, rel=1e-6), step
+    a, b = weights(sharded), weights(single)
+    assert a.keys() == b.keys()
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], atol=ADAPTIVE_ATOL, rtol=0, msg=name)
+    assert not torch.equal(a["lm_head.cluster_weight"], torch.zeros_like(a["lm_head.cluster_weight"]))  # trained
+
+
+def test_fsdp2_adaptive_export_keeps_the_clusters_tied(adaptive_runs):
+    """The export from the shards stores each tied weight once (the input embedding's clusters and projections; the
+    softmax keeps only its biases, the cluster logits and the head's own projection), and loads with nothing
+    missing or left over into a model whose log-probabilities match the one-process export."""
+    from transformers import AutoModelForCausalLM
+
+    import hf_txl  # noqa: F401
+
+    sharded, single = adaptive_runs
+    head = sorted(name for name in weights(sharded) if name.startswith("lm_head."))
+    assert head == [
+        "lm_head.cluster_bias", "lm_head.cluster_weight", "lm_head.out_layers.0.bias", "lm_head.out_layers.1.bias",
+        "lm_head.out_layers.2.bias", "lm_head.out_projs.0.weight",
+    ]  # fmt: skip
+    model, info = AutoModelForCausalLM.from_pretrained(sharded, output_loading_info=True)
+    assert not any(info.values()), info
+    assert {name for name, _ in model.named_parameters()} == set(weights(sharded))
+    embedding = model.transformer.word_emb
+    for cluster in range(3):
+        weight, _, proj = model.lm_head._cluster_params(cluster, embedding)
+        assert weight is embedding.emb_layers[cluster].weight
+        assert (proj is embedding.emb_projs[cluster].weight) == (cluster > 0)
+    reference = AutoModelForCausalLM.from_pretrained(single)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids).logits, reference.eval()(ids).logits, atol=1e-5, rtol=0)
+
+
+# --- resuming with another number of processes --------------------------------------------------------------------
+
+
+def test_resume_with_fewer_processes_is_refused_and_changes_nothing(fsdp_run):
+    """A 2-process checkpoint (each process's memory and stream position) resumed by 1 process: one error line
+    naming both counts and the fix, before anything in the run directory is touched."""
+    from test_train import assert_one_line_error, file_times, run_train
+
+    out, _ = fsdp_run
+    before = file_times(out)
+    args = [*TRAIN, "--output_dir", str(out), "--max_train_steps", "12", "--resume_from_checkpoint", "latest"]
+    result = run_train(args, check=False)
+    assert_one_line_error(result, "was written by 2 process(es) but this run has 1")
+    assert "Resume with --num_processes 2." in result.stderr
+    assert file_times(out) == before
+
+
+def test_resume_with_more_processes_is_refused_and_changes_nothing(adaptive_runs):
+    """A 1-process checkpoint resumed by 2 processes: each process stops with the same error, nothing changes. (The
+    two processes share stderr and their lines can run together, so the messages are counted, not the lines; the
+    launcher adds torch's ChildFailedError report after them.)"""
+    from test_train import file_times
+
+    _, single = adaptive_runs
+    before = file_times(single)
+    result = launch(
+        [*FSDP2_FLAGS, "--num_processes", "2"], single, *ADAPTIVE, "--max_train_steps", "8",
+        "--resume_from_checkpoint", "latest", port=29568, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    message = f"train.py: error: Checkpoint {checkpoint(single, 4)} was written by 1 process(es) but this run has 2;"
+    assert result.stderr.count(message) == 2, result.stderr[-3000:]
+    assert result.stderr.count("Resume with --num_processes 1.") == 2
+    frames = [line for line in result.stderr.splitlines() if 'File "' in line]  # "[rank0]:   File ..." included
+    assert not [f for f in frames if "hf_txl" in f or "train.py" in f], result.stderr[-3000:]  # the launcher's only
+    assert file_times(single) == before
