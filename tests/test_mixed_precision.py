@@ -139,7 +139,7 @@ def test_fp16_autocast_with_grad_scaler_finds_no_inf(device, variant):
 # ----------------------------------------------------------------------------------------------------
 
 STEPS = 40
-TEXT = Path(__file__).resolve().parents[1] / "hf_txl" / "data" / "tiny_shakespeare.txt"
+TEXT = Path(__file__).resolve().parents[1] / "hf_txl" / "training" / "corpus" / "tiny_shakespeare.txt"
 
 
 @pytest.fixture(autouse=True)
