@@ -75,3 +75,62 @@ def run_without_hf_txl(script: str, *args, tmp_path) -> dict:
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# --- references for generate(): the logits each step should give ------------------------------------------------
+
+
+def stepwise_logits(model, sequence: torch.Tensor, prompt_len: int, **first_call) -> torch.Tensor:
+    """The segment recurrence by hand, on the tokens of ``sequence`` [B, P + N]: the prompt (its first
+    ``prompt_len`` tokens) as one segment, then one token per forward call with the memory carried in ``cache=``;
+    the logits of each call's last position, [N, B, V] (what ``generate(output_logits=True)`` reports for its N
+    steps). ``first_call``: extra arguments of the prompt's call (``attention_mask``, ``mems``)."""
+    logits = []
+    with torch.no_grad():
+        out = model(sequence[:, :prompt_len], **first_call)
+        logits.append(out.logits[:, -1])
+        for t in range(prompt_len, sequence.shape[1] - 1):
+            out = model(sequence[:, t : t + 1], cache=out.cache)
+            logits.append(out.logits[:, -1])
+    return torch.stack(logits)
+
+
+def full_pass_logits(model, sequence: torch.Tensor, prompt_len: int, **kwargs) -> torch.Tensor:
+    """One forward pass over ``sequence`` [B, P + N] without a memory: the logits [N, B, V] at the positions that
+    predict the N tokens after the prompt. Equal to generation with the memory while the memory still holds every
+    earlier token (P + N - 2 <= mem_len); past that the memory has forgotten the oldest tokens and they differ."""
+    with torch.no_grad():
+        return model(sequence[:, :-1], use_cache=False, **kwargs).logits[:, prompt_len - 1 :].transpose(0, 1)
+
+
+def assert_context_matters(model, ids: torch.Tensor, min_change: float = 0.5) -> None:
+    """The weights are ones on which a test of the memory can fail: the logits of the last position of ``ids``
+    [B, T] change by more than ``min_change`` in every row when the earlier tokens are removed. (At the default
+    init_std 0.02 a tiny model's greedy tokens do not depend on the context at all; tests use init_std ~0.5.)"""
+    with torch.no_grad():
+        with_context = model(ids, use_cache=False).logits[:, -1].float()
+        alone = model(ids[:, -1:], use_cache=False).logits[:, -1].float()
+    change = (with_context - alone).abs().amax(-1)  # [B]
+    assert (change > min_change).all(), f"the context barely changes the logits: {change.tolist()}"
+
+
+def hand_memory_logits(model, sequence: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Like :func:`stepwise_logits`, with the memory kept by hand instead of by the model's cache: after each call,
+    every layer's input hidden states (``output_hidden_states``) are appended to that layer's memory and the last
+    ``mem_len`` kept, and the next call gets them as plain tensors (``mems=``, a list of [B, M, d_model]) with
+    ``use_cache=False``: the paper's recurrence, independent of the cache's update, truncation and stored
+    projections. Logits [N, B, V]."""
+    config, logits = model.config, []
+    memory = [torch.zeros(0)] * config.n_layer  # empty
+    if config.legacy_zero_mems:  # a 4.x model starts from mem_len zero vectors
+        memory = [torch.zeros(sequence.shape[0], config.mem_len, config.d_model)] * config.n_layer
+    calls = [(0, prompt_len)] + [(t, t + 1) for t in range(prompt_len, sequence.shape[1] - 1)]
+    with torch.no_grad():
+        for start, end in calls:
+            mems = memory if memory[0].numel() else None
+            out = model(sequence[:, start:end], mems=mems, use_cache=False, output_hidden_states=True)
+            logits.append(out.logits[:, -1])
+            inputs = out.hidden_states[:-1]  # layer i's input [B, T, d]: the embeddings, then layer i-1's output
+            memory = [h if not m.numel() else torch.cat([m, h], 1) for m, h in zip(memory, inputs)]
+            memory = [m[:, -config.mem_len :] for m in memory]  # [B, min(tokens so far, mem_len), d]
+    return torch.stack(logits)

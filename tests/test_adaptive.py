@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
+from conftest import full_pass_logits, hand_memory_logits, stepwise_logits, tiny_config
 from transformers import AutoModelForCausalLM
 
 from hf_txl import TxlAdaptiveEmbedding, TxlAdaptiveLogSoftmax, TxlConfig, TxlForCausalLM
@@ -95,14 +95,26 @@ def test_embedding_matches_per_cluster_lookup():
         torch.testing.assert_close(out[position], expected)
 
 
-def test_generate_and_memory_continuation(model):
-    prompt = torch.randint(0, V, (2, 4))
-    generated = model.generate(prompt, max_new_tokens=5, do_sample=False)
-    assert generated.shape == (2, 9)
-    # Greedy generation equals the argmax of a full forward pass over the generated sequence.
-    with torch.no_grad():
-        logits = model(generated[:, :-1]).logits
-    assert torch.equal(logits[:, 3:].argmax(-1), generated[:, 4:])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_generate_and_memory_continuation(variant):
+    """generate() with the memory (mem_len 6, 12 new tokens: far past it) is the segment recurrence one token at a
+    time, and the logits it reports are the forward's normalised log-probabilities. (It is not a full pass over the
+    sequence: past mem_len the memory forgets the oldest tokens, which a full pass does not.)"""
+    model = TxlForCausalLM(adaptive_config(init_std=0.5, **VARIANTS[variant])).eval()  # the context matters
+    prompt = torch.randint(1, V, (2, 4))  # (no token 0: generate() would take the pad_token_id for left padding)
+    out = model.generate(prompt, max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    sequence, logits = out.sequences, torch.stack(out.logits)  # [2, 16], [12, 2, V]
+    assert sequence.shape == (2, 16) and torch.equal(sequence[:, 4:], logits.argmax(-1).T)
+    with torch.no_grad():  # the memory matters past mem_len: each row's last steps' tokens fed alone predict otherwise
+        alone = torch.stack([model(sequence[:, t : t + 1]).logits[:, -1] for t in range(4, 15)])  # [11, 2, V]
+    assert ((alone - logits[1:])[7:].abs().amax(-1).amax(0) > 0.5).all()
+    torch.testing.assert_close(logits.exp().sum(-1), torch.ones(12, 2), atol=1e-5, rtol=0)  # log-probs
+    close = dict(atol=1e-3, rtol=0)  # measured <= 2.5e-4 on log-probs down to -55 (float32, different kernels)
+    torch.testing.assert_close(logits, stepwise_logits(model, sequence, 4), **close)
+    torch.testing.assert_close(logits, hand_memory_logits(model, sequence, 4), **close)
+    full = full_pass_logits(model, sequence, 4)
+    torch.testing.assert_close(logits[:4], full[:4], **close)  # while the memory holds every token
+    assert (logits[8:] - full[8:]).abs().amax() > 0.1  # and past mem_len it has forgotten some
 
 
 def test_save_load_round_trip_is_exact(model, tmp_path):

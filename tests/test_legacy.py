@@ -1,7 +1,8 @@
 """transformers 4.x ``transfo-xl`` checkpoints: loading, conversion, equality with 4.35.2, safe vocabularies.
 
 The fixtures in tests/fixtures/legacy/ were written by the real transformers 4.35.2 (scripts/make_legacy_fixtures.py):
-random weights saved with ``save_pretrained`` and the 4.x log-probabilities of a sequence fed in two segments.
+random weights saved with ``save_pretrained`` and the 4.x log-probabilities of a sequence fed in two segments, and
+(``long_generation``) the 4.x greedy decoding one token at a time far past ``mem_len``.
 """
 
 import importlib.util
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import hand_memory_logits, stepwise_logits
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 import hf_txl  # noqa: F401  (registers model_type "transfo-xl")
@@ -231,10 +233,47 @@ def test_real_4x_vocab_pkl_converts_and_matches_4x_ids(tmp_path):
     assert [tokenizer.convert_ids_to_tokens(i) for i in range(len(reference["vocab"]))] == reference["vocab"]
 
 
+LOGITS = dict(do_sample=False, return_dict_in_generate=True, output_logits=True)
+
+
 def test_legacy_model_generates_with_its_memory():
+    """Eight greedy steps of a 4.x checkpoint (mem_len 4): the first is the 4.35.2 first segment's last position,
+    every one the segment recurrence (model cache, and memory by hand), and every later one uses its memory."""
     model = AutoModelForCausalLM.from_pretrained(FIXTURES / "adaptive_div4")
-    prompt = torch.tensor(json.loads((FIXTURES / "adaptive_div4" / "reference.json").read_text())["input_ids"])[:, :4]
-    generated = model.generate(prompt, max_new_tokens=3, do_sample=False)
-    with torch.no_grad():  # one segment through the zero memory, like the first generate() step
-        expected = model(prompt).logits[:, -1].argmax(-1)
-    assert generated.shape == (2, 7) and torch.equal(generated[:, 4], expected)
+    reference = json.loads((FIXTURES / "adaptive_div4" / "reference.json").read_text())
+    prompt = torch.tensor(reference["input_ids"])[:, :4]  # the first segment of the reference
+    out = model.generate(prompt, max_new_tokens=8, **LOGITS)
+    sequence, logits = out.sequences, torch.stack(out.logits)  # [2, 12], [8, 2, V] log-probabilities
+    assert sequence.shape == (2, 12) and torch.equal(sequence[:, 4:], logits.argmax(-1).T)
+    torch.testing.assert_close(logits[0], torch.tensor(reference["log_probs"][0])[:, -1], atol=TOLERANCE, rtol=0)
+    torch.testing.assert_close(logits, stepwise_logits(model, sequence, 4), atol=TOLERANCE, rtol=0)
+    torch.testing.assert_close(logits, hand_memory_logits(model, sequence, 4), atol=TOLERANCE, rtol=0)
+    with torch.no_grad():  # each fed token alone (after the 4.x zero memory) predicts otherwise than with its memory
+        alone = torch.stack([model(sequence[:, t : t + 1]).logits[:, -1] for t in range(4, 11)])  # [7, 2, V]
+    assert (alone - logits[1:]).abs().amax(-1).min() > 0.05
+
+
+@pytest.mark.parametrize("name", ["long_generation", "long_generation_plain"])
+def test_long_generation_matches_transformers_4x(name):
+    """Greedy decoding far past mem_len (more than 3 x mem_len new tokens), which transformers 4.35.2 did one token
+    per forward call with its memory (scripts/make_legacy_fixtures.py): generate() on the legacy checkpoint gives
+    the same tokens and every step's log-probabilities, and so does the recurrence by hand. ``long_generation``:
+    adaptive softmax and same_length + clamp_len (the wt103 settings); ``long_generation_plain``: full softmax,
+    pre-norm, every step seeing its whole memory."""
+    directory = FIXTURES / name
+    reference = json.loads((directory / "generation.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    assert type(model) is TxlLegacyForCausalLM and model.config.legacy_zero_mems
+    model.generation_config.eos_token_id = None  # the 4.x loop did not stop at the end-of-sequence token
+    prompt, theirs = torch.tensor(reference["prompt"]), torch.tensor(reference["log_probs"])  # [B, P], [N, B, V]
+    steps, prompt_len = theirs.shape[0], prompt.shape[1]
+    assert steps > 3 * model.config.mem_len
+    out = model.generate(prompt, max_new_tokens=steps, **LOGITS)
+    assert out.sequences[:, prompt_len:].tolist() == reference["tokens"]
+    close = dict(atol=1e-4, rtol=0)  # measured <= 3.1e-5 (log-probs down to -122); without the memory: 4 or more
+    torch.testing.assert_close(torch.stack(out.logits).log_softmax(-1), theirs, **close)
+    for by_hand in (stepwise_logits, hand_memory_logits):
+        torch.testing.assert_close(by_hand(model, out.sequences, prompt_len).log_softmax(-1), theirs, **close)
+    with torch.no_grad():  # the memory matters on these weights: each fed token alone predicts otherwise
+        alone = [model(out.sequences[:, t : t + 1]).logits[:, -1] for t in range(prompt_len, prompt_len + steps - 1)]
+    assert (torch.stack(alone).log_softmax(-1) - theirs[1:]).abs().amax(-1).min() > 0.5

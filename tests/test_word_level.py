@@ -48,16 +48,22 @@ def test_word_model_trains_with_adaptive_softmax_and_reports_perplexity(word_run
 def test_word_model_loads_generates_words_and_evaluates(word_run, tmp_path):
     out, _ = word_run
     script = f"""
+import importlib.util
+import sys
 from transformers import AutoModelForCausalLM, AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained({str(out)!r}, trust_remote_code=True)
 model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
 prompt = tokenizer("ROMEO:\\nWhat is", return_tensors="pt")
 assert tokenizer.unk_token_id not in prompt["input_ids"][0].tolist()
 ids = model.generate(**prompt, max_new_tokens=12, do_sample=False)
-print("RESULT", type(model).__name__, ids.shape[1] - prompt["input_ids"].shape[1])
+assert importlib.util.find_spec("hf_txl") is not None  # importable (found, not imported), yet:
+imported = sorted(name for name in sys.modules if name.split(".")[0] == "hf_txl")
+print("RESULT", type(model).__name__, ids.shape[1] - prompt["input_ids"].shape[1], imported)
 print(tokenizer.decode(ids[0]))
 """
-    outside = tmp_path / "elsewhere"  # hf_txl is not imported: the shipped code files and tokenizer.json suffice
+    # hf_txl is importable here (installed in this interpreter) but not imported: the shipped code files and
+    # tokenizer.json suffice. The script lists every hf_txl module in sys.modules after loading and generating.
+    outside = tmp_path / "elsewhere"
     outside.mkdir()
     env = {**ENV, "PYTHONPATH": ""}
     result = subprocess.run(
@@ -65,7 +71,7 @@ print(tokenizer.decode(ids[0]))
     )
     assert result.returncode == 0, result.stderr[-3000:]
     first, text = result.stdout[result.stdout.index("RESULT ") :].split("\n", 1)
-    assert first == "RESULT TxlForCausalLM 12"
+    assert first == "RESULT TxlForCausalLM 12 []"
     assert text.startswith("ROMEO:\nWhat is")
 
     evaluated = run([sys.executable, "scripts/evaluate.py", str(out), "--max_eval_steps", "5"])
