@@ -1,7 +1,8 @@
 """Build hook: ship the top-level model_card.md (the one source of the card template) inside the package.
 
 Everything else about the package is in pyproject.toml. An installed hf_txl finds the template at
-``hf_txl/training/model_card.md``; a source checkout reads the top-level file (``hf_txl.training.model_card.TEMPLATE_PATH``).
+``hf_txl/training/model_card.md``;
+a source checkout reads the top-level file (``hf_txl.training.model_card.TEMPLATE_PATH``).
 """
 
 import shutil

@@ -139,4 +139,3 @@ def evaluate_stream(
     metrics = lm_metrics(nll_sum.item(), int(count.item()))
     metrics.update(tokens=int(count.item()), seconds=seconds, tokens_per_s=count.item() / max(seconds, 1e-9))
     return metrics
-

@@ -90,4 +90,3 @@ class TrainingProgress:
 
     def close(self) -> None:
         self.bar.close()
-

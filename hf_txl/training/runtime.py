@@ -151,4 +151,3 @@ def enable_fsdp_on_cpu(accelerator) -> bool:
     state.fsdp_plugin, state.distributed_type = plugin, DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     return True
-
