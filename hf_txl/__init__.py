@@ -89,7 +89,10 @@ __all__ += [
 
 # The data pipeline (data.py) imports datasets, pyarrow and pandas: loaded on first use, so that using the model
 # alone does not pay for them (about 0.7 s and 95 MiB at import).
+# transformers' Trainer with the memory carried (training/trainer.py) loads with it too.
 _LAZY_DATA_NAMES = ("DEFAULT_CORPUS_PATH", "StreamBatcher", "load_corpus", "tokenize_to_array")
+_LAZY_TRAINER_NAMES = ("TxlStreamDataset", "TxlTrainer")
+__all__ += list(_LAZY_TRAINER_NAMES)
 
 
 def __getattr__(name: str):
@@ -97,8 +100,12 @@ def __getattr__(name: str):
         from .training import data
 
         return getattr(data, name)
+    if name in _LAZY_TRAINER_NAMES:
+        from .training import trainer
+
+        return getattr(trainer, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY_DATA_NAMES))
+    return sorted(set(globals()) | set(_LAZY_DATA_NAMES) | set(_LAZY_TRAINER_NAMES))

@@ -52,7 +52,9 @@ def assert_same_weights(a_dir: Path, b_dir: Path) -> None:
 
 # --- gradient accumulation ------------------------------------------------------------------------------------------
 
-ACCUMULATION, ACCUMULATED_STEPS = 2, 3  # 6 micro-batches: the sixth is the first segment of the second epoch
+# Windows of 2 micro-batches from each epoch's start, the last ending with the epoch (5 segments: 2 + 2 + 1), as
+# transformers' Trainer does: step 3 is the epoch's fifth segment alone, step 4 the second epoch's first two.
+ACCUMULATION, ACCUMULATED_STEPS = 2, 4
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +71,8 @@ def accumulated_run(corpus, tmp_path_factory):
 def hand_loop(run_dir: Path, corpus, *, carry_memory: bool):
     """The training the script should do, written out: the model built from the run's config with the script's seed,
     AdamW (the script's parameter groups), the cosine schedule, clipping at 1.0, and ACCUMULATION micro-batches per
-    optimizer step, each micro-batch's loss divided by ACCUMULATION before backward. With ``carry_memory`` each
+    optimizer step (fewer in the window that ends an epoch), each micro-batch's loss divided by its window's length
+    before backward. With ``carry_memory`` each
     micro-batch continues the previous one's rows with its memory (reset at an epoch's first segment only); without,
     every micro-batch starts from an empty memory. Returns (mean loss of each step's micro-batches, final weights)."""
     from accelerate.utils import set_seed
@@ -95,11 +98,12 @@ def hand_loop(run_dir: Path, corpus, *, carry_memory: bool):
         for batch in batches:  # one epoch; the next pass over `batches` is the next epoch
             if batches.new_epoch or not carry_memory:
                 mems = None
+            window = min(ACCUMULATION, SEGMENTS_PER_EPOCH - (batches.step - 1) // ACCUMULATION * ACCUMULATION)
             out = model(**batch, mems=mems)
             mems = out.mems
-            (out.loss / ACCUMULATION).backward()
+            (out.loss / window).backward()
             micro_losses.append(out.loss.detach())
-            if len(micro_losses) < ACCUMULATION:
+            if len(micro_losses) < window:
                 continue
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -127,7 +131,7 @@ def test_gradient_accumulation_carries_the_memory_through_the_micro_batches(accu
     for name, tensor in exported.items():
         torch.testing.assert_close(tensor, carried_weights[name], atol=1e-6, rtol=0, msg=name)
     records = [json.loads(line) for line in (accumulated_run / "log.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records if "loss" in r] == [0, 0, 1]  # step 3 ends in the second epoch
+    assert [r["epoch"] for r in records if "loss" in r] == [0, 0, 0, 1]  # step 3 ends the first epoch
 
 
 # --- --checkpointing_steps epoch --------------------------------------------------------------------------------

@@ -5,6 +5,7 @@
     args.py           its flags, presets (presets.py) and ``--config_overrides`` (overrides.py)
     data.py           corpora through ``datasets``, tokenized to one stream, cut into per-process rows (StreamBatcher)
     checkpointing.py  checkpoints written atomically, with each process's memory, for an exact resume
+    trainer.py        transformers' Trainer with the memory carried (TxlTrainer, TxlStreamDataset)
     evaluation.py     evaluation with memory over a whole split, and its metrics
     runtime.py        the process: CPU threads, allocator, native bf16, FSDP on CPU processes
     progress.py       optimizer groups, the metrics log and progress bar
@@ -34,6 +35,7 @@ _NAMES = {
     ),
     "progress": ("JsonLog", "TrainingProgress", "make_optimizer"),
     "export": ("export_model_dir", "share_tied_tensors", "unsharded_class"),
+    "trainer": ("TxlStreamDataset", "TxlTrainer"),
 }
 _MODULE_OF = {name: module for module, names in _NAMES.items() for name in names}
 

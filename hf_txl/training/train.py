@@ -13,6 +13,7 @@ with ``AutoModelForCausalLM.from_pretrained``. Flags: ``hf_txl.training.args`` (
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import sys
@@ -113,9 +114,10 @@ def distribution(accelerator) -> str:
 
 def make_accelerator(args) -> Accelerator:
     """The Accelerator (FSDP honoured on CPU processes too), with the CPU thread count chosen and said."""
+    # Gradient accumulation is done by the training loop (windows end with the epoch), not by the Accelerator.
     accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
-        log_with=args.report_to if args.with_tracking else None, project_dir=args.output_dir,
+        mixed_precision=args.mixed_precision, log_with=args.report_to if args.with_tracking else None,
+        project_dir=args.output_dir,
     )  # fmt: skip
     enable_fsdp_on_cpu(accelerator)
     if accelerator.device.type == "cpu":
@@ -191,6 +193,15 @@ def save_checkpoint(args, accelerator, step, *, mems, batches, config) -> None:
     )  # fmt: skip
 
 
+def accumulation_window(position: int, steps_in_epoch: int, accumulation_steps: int) -> int:
+    """How many micro-batches the optimizer step of micro-batch ``position`` (1-based in its epoch) gathers: windows
+    of ``accumulation_steps`` from the start of the epoch, the last one ending with the epoch (as transformers'
+    ``Trainer`` does), so every epoch has ``ceil(steps_in_epoch / accumulation_steps)`` optimizer steps and a
+    checkpoint at an epoch's end lies between two windows."""
+    start = (position - 1) // accumulation_steps * accumulation_steps
+    return min(accumulation_steps, steps_in_epoch - start)
+
+
 def check_finite(loss: float, step: int, args) -> None:
     if not math.isfinite(loss):
         raise UsageError(
@@ -246,20 +257,21 @@ def training_function(args) -> dict:
         for batch in batches:
             if batches.new_epoch:
                 mems = None  # the memory never crosses an epoch boundary
-            with accelerator.accumulate(model):
+            window = accumulation_window(batches.step, len(batches), args.gradient_accumulation_steps)
+            last_of_window = len(micro_losses) + 1 == window
+            with contextlib.nullcontext() if last_of_window else accelerator.no_sync(model):
                 out = model(input_ids=batch["input_ids"], shift_labels=batch["shift_labels"], mems=mems)
                 mems = out.mems
-                accelerator.backward(out.loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(out.loss / window)  # the window's gradient is the mean of its micro-batches'
             micro_losses.append(out.loss.detach())
             progress.micro_step()
-            if not accelerator.sync_gradients:
+            if not last_of_window:
                 continue
+            if args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
 
             step += 1
             loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
