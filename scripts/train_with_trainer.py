@@ -32,7 +32,7 @@ from hf_txl.training.runtime import configure_cpu_threads
 from hf_txl.training.train import build_config, get_token_streams
 
 
-def training_arguments(args, max_steps: int) -> TrainingArguments:
+def training_arguments(args) -> TrainingArguments:
     """``hf_txl.train``'s flags as ``TrainingArguments`` (the optimizer and schedule are passed to the Trainer)."""
     every = args.checkpointing_steps
     save = {"save_strategy": "no"}
@@ -42,7 +42,7 @@ def training_arguments(args, max_steps: int) -> TrainingArguments:
         save = {"save_strategy": "steps", "save_steps": every}
     return TrainingArguments(
         output_dir=args.output_dir, per_device_train_batch_size=args.per_device_train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, max_steps=max_steps,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, max_steps=args.max_train_steps or -1,
         max_grad_norm=args.max_grad_norm, logging_steps=args.logging_steps, seed=args.seed,
         eval_strategy="steps" if args.eval_steps else "no", eval_steps=args.eval_steps or None,
         save_total_limit=args.checkpoints_total_limit or None, bf16=args.mixed_precision == "bf16",
@@ -52,6 +52,7 @@ def training_arguments(args, max_steps: int) -> TrainingArguments:
 
 def main(argv=None) -> dict:
     args = parse_args(argv, description=__doc__)
+    training_args = training_arguments(args)  # sets up the processes (ACCELERATE_USE_CPU, torchrun's variables)
     state = PartialState()
     if state.device.type == "cpu":
         configure_cpu_threads(args.num_threads, state.num_processes)
@@ -67,14 +68,14 @@ def main(argv=None) -> dict:
         valid = TxlStreamDataset(eval_ids, batch_size=args.per_device_eval_batch_size, tgt_len=args.eval_tgt_len)
     steps_per_epoch = math.ceil(train.num_segments / args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or math.ceil((args.num_train_epochs or 1.0) * steps_per_epoch)
-    optimizer = make_optimizer(
-        model, learning_rate=args.learning_rate, weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2)
-    )
+    betas = (args.adam_beta1, args.adam_beta2)
+    optimizer = make_optimizer(model, learning_rate=args.learning_rate, weight_decay=args.weight_decay, betas=betas)
     scheduler = get_scheduler(
         args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps, num_training_steps=max_steps
     )
+    training_args.max_steps = max_steps
     trainer = TxlTrainer(
-        model=model, args=training_arguments(args, max_steps), train_dataset=train, eval_dataset=valid,
+        model=model, args=training_args, train_dataset=train, eval_dataset=valid,
         optimizers=(optimizer, scheduler), processing_class=tokenizer,
     )  # fmt: skip
     resume = {"latest": True}.get(args.resume_from_checkpoint, args.resume_from_checkpoint)
