@@ -15,6 +15,12 @@ per-character regex split. Text is never matched against the special-token strin
 paper's preprocessing (each line's words, then ``<eos>``). :func:`build_tokenizer` builds any of the three kinds
 and :func:`token_unit` tells which kind a tokenizer is, also for one loaded by ``AutoTokenizer``.
 
+Every tokenizer built here has an end-of-text token (``eos_token_id`` is set), which clients such as
+lm-evaluation-harness need (it prefixes every scored text with it when there is no bos): ``<eos>`` for the
+character and byte levels, where it separates the documents of a corpus (``tokenize_to_array(append_eos=True)``)
+and ends generation; the line-end word ``<eos>`` for the word level, where it is every newline, so word models do
+not stop generating at it (:func:`generation_eos_token_id`).
+
 Saved directories hold ``tokenizer.json`` + ``tokenizer_config.json`` only (no pickle); the config names the
 built-in ``TokenizersBackend`` class, so ``AutoTokenizer.from_pretrained(dir)`` works without hf_txl installed
 and without ``trust_remote_code``.
@@ -41,6 +47,7 @@ __all__ = [
     "UnknownCharacterWarning",
     "build_tokenizer",
     "fast_word_encoder",
+    "generation_eos_token_id",
     "token_unit",
 ]
 
@@ -68,9 +75,12 @@ class _TxlTokenizersBackend(TokenizersBackend):
 class TxlCharTokenizer(_TxlTokenizersBackend):
     """Character-level (or byte-level) tokenizer; build it with :meth:`from_corpus` or :meth:`byte_level`.
 
-    Special tokens come first in the vocabulary for the character level (``<unk>``, ``<pad>``, then ``<eos>``
-    when ``add_eos=True``), followed by the corpus characters sorted by code point. The byte level keeps byte
-    ``b`` at id ``b`` and puts the special tokens after the 256 bytes. Padding is on the left by default.
+    Special tokens come first in the vocabulary for the character level (``<unk>`` 0, ``<pad>`` 1, ``<eos>`` 2),
+    followed by the corpus characters sorted by code point. The byte level keeps byte ``b`` at id ``b`` and puts the
+    special tokens after the 256 bytes (``<unk>`` 256, ``<pad>`` 257, ``<eos>`` 258). ``<eos>`` ends a text: it
+    separates the documents of a multi-document corpus and is where generation stops (a model trained on one
+    document learns not to predict it); ``add_eos=False`` leaves it out (the vocabulary of hf_txl before it had
+    one, where ``eos_token_id`` is None). Padding is on the left by default.
     """
 
     #: Tells the data pipeline that a text may be cut anywhere (between code points) without changing its ids.
@@ -81,7 +91,7 @@ class TxlCharTokenizer(_TxlTokenizersBackend):
         cls,
         texts: Iterable[str],
         *,
-        add_eos: bool = False,
+        add_eos: bool = True,
         unk_token: str = "<unk>",
         pad_token: str = "<pad>",
         eos_token: str = "<eos>",
@@ -90,8 +100,9 @@ class TxlCharTokenizer(_TxlTokenizersBackend):
         """Learn a one-token-per-character vocabulary from ``texts`` (an iterable of strings).
 
         The order is deterministic: the special tokens, then every distinct character sorted by code point.
-        ``add_eos`` adds an end-of-text token (for corpora made of documents); without it ``eos_token_id`` is
-        None. Extra keyword arguments go to the transformers tokenizer constructor.
+        ``add_eos`` (the default) includes the end-of-text token ``eos_token``; with ``add_eos=False`` the
+        vocabulary has no eos and ``eos_token_id`` is None. Extra keyword arguments go to the transformers tokenizer
+        constructor.
         """
         if isinstance(texts, str):
             texts = [texts]
@@ -118,7 +129,7 @@ class TxlCharTokenizer(_TxlTokenizersBackend):
     def byte_level(
         cls,
         *,
-        add_eos: bool = False,
+        add_eos: bool = True,
         unk_token: str = "<unk>",
         pad_token: str = "<pad>",
         eos_token: str = "<eos>",
@@ -127,7 +138,8 @@ class TxlCharTokenizer(_TxlTokenizersBackend):
         """Build the 256-symbol byte vocabulary (byte ``b`` has id ``b``) plus the special tokens after it.
 
         Every text encodes to its UTF-8 bytes, so nothing is ever unknown; the unknown token exists for API
-        uniformity. Use it for corpora scored in bits per byte (enwik8).
+        uniformity. Use it for corpora scored in bits per byte (enwik8). ``add_eos=False`` leaves the end-of-text
+        token out (258 symbols instead of 259).
         """
         byte_chars = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins of GPT-2's byte map
         byte_to_char = _gpt2_byte_to_char()
@@ -190,10 +202,14 @@ class TxlWordTokenizer(_TxlTokenizersBackend):
     ``<eos>`` (2), then the corpus words from the most to the least frequent (ties in code point order), the
     order an adaptive softmax expects (its head cluster holds the most frequent ids).
 
-    ``<eos>`` is an ordinary word, not transformers' ``eos_token`` (which stays None): generation does not stop
-    at the end of a line, and ``decode(..., skip_special_tokens=True)`` keeps the line breaks. ``decode`` joins
-    the words with single spaces and turns each ``<eos>`` into a newline, so ``decode(encode(text))`` is
-    ``text`` with its whitespace normalised (runs of spaces and tabs -> one space, none around newlines).
+    ``<eos>`` is also transformers' ``eos_token``, the end-of-text token that clients such as lm-evaluation-harness
+    put before a scored text (a text then starts as a WikiText-103 line does, after a line end). As it is every
+    line end, it is not where a word model's generation stops: :func:`generation_eos_token_id` is None for this
+    tokenizer, so the training script leaves the model's ``eos_token_id`` None. Being a special token, it is
+    dropped by ``decode(..., skip_special_tokens=True)`` (the lines are then joined by spaces); decode with
+    ``skip_special_tokens=False`` to keep the line breaks. ``decode`` joins the words with single spaces and turns
+    each ``<eos>`` into a newline, so ``decode(encode(text))`` is ``text`` with its whitespace normalised (runs of
+    spaces and tabs -> one space, none around newlines).
     """
 
     #: Word-level ids depend on where a text is cut, so the data pipeline cuts long texts at line ends only.
@@ -245,7 +261,7 @@ class TxlWordTokenizer(_TxlTokenizersBackend):
             tokenizer_object=backend,
             unk_token=unk_token,
             pad_token=pad_token,
-            eos_token=None,
+            eos_token=line_end_token,
             bos_token=None,
             **options,
         )
@@ -263,7 +279,8 @@ def build_tokenizer(
 
     "char" learns one token per character of ``texts``; "byte" is the fixed 256-byte vocabulary (``texts`` is not
     read); "word" learns a word vocabulary (:meth:`TxlWordTokenizer.from_corpus`), the only kind that takes
-    ``min_frequency`` and ``max_vocab_size``. Raises ``ValueError`` naming the problem and the fix.
+    ``min_frequency`` and ``max_vocab_size``. Every kind has an end-of-text token (``eos_token_id`` is set; for
+    words it is the line-end word). Raises ``ValueError`` naming the problem and the fix.
     """
     if kind not in TOKENIZER_KINDS:
         raise ValueError(f"unknown tokenizer kind {kind!r}; choose one of {list(TOKENIZER_KINDS)}")
@@ -277,6 +294,13 @@ def build_tokenizer(
     if kind == "byte":
         return TxlCharTokenizer.byte_level()
     return TxlCharTokenizer.from_corpus(texts)
+
+
+def generation_eos_token_id(tokenizer: Any) -> int | None:
+    """The id at which a model's generation should stop (its config's ``eos_token_id``): the tokenizer's
+    end-of-text id, except for word level, whose ``<eos>`` ends every line (generation goes on across lines).
+    None when there is no such token (a character tokenizer built with ``add_eos=False``)."""
+    return None if token_unit(tokenizer) == "word" else tokenizer.eos_token_id
 
 
 def token_unit(tokenizer: Any) -> str:

@@ -29,7 +29,7 @@ import torch
 
 from hf_txl.tokenization_txl import token_unit
 from hf_txl.training import evaluate_stream, headline, keep_freed_memory_in_process
-from hf_txl.training.data import load_corpus, tokenize_to_array
+from hf_txl.training.data import load_corpus, separates_documents, tokenize_to_array
 from hf_txl.training.hub import is_local, load_model_and_tokenizer
 from hf_txl.training.model_card import EVALUATION_FILE, write_model_card
 
@@ -171,17 +171,20 @@ def data_source(args: argparse.Namespace, run_args: dict) -> tuple[dict, str]:
 
 
 def split_tokens(args: argparse.Namespace, tokenizer, data_kwargs: dict):
-    """The token ids of the requested split, in order."""
+    """The token ids of the requested split, in order; documents (rows of a dataset) end with the eos, as in
+    training (``separates_documents``)."""
     try:
         if args.split in ("train", "validation"):
-            split = load_corpus(**data_kwargs)[args.split]
+            corpus = load_corpus(**data_kwargs)
+            split, documents = corpus[args.split], separates_documents(tokenizer, *corpus.values())
         elif data_kwargs["dataset_name"]:
             from datasets import load_dataset
 
             split = load_dataset(data_kwargs["dataset_name"], data_kwargs["dataset_config_name"], split=args.split)
+            documents = separates_documents(tokenizer, split)
         else:
             fail(f"--split {args.split!r}: local text files only have 'train' and 'validation' splits.")
-        return tokenize_to_array(split, tokenizer, text_column=data_kwargs["text_column"])
+        return tokenize_to_array(split, tokenizer, text_column=data_kwargs["text_column"], append_eos=documents)
     except (OSError, ValueError, ConnectionError) as error:
         fail(f"could not load the evaluation data ({error}).")
 

@@ -230,7 +230,7 @@ def test_streamer_receives_the_generated_tokens():
 
     # transformers' TextIteratorStreamer, as documented: generate() in a thread, the text read as it comes (letters
     # and digits at once). A character tokenizer whose 40 ids are the model's vocabulary (<unk>, <pad>, 38 characters).
-    tokenizer = TxlCharTokenizer.from_corpus(["abcdefghijklmnopqrstuvwxyz0123456789 ."])
+    tokenizer = TxlCharTokenizer.from_corpus(["abcdefghijklmnopqrstuvwxyz0123456789 ."], add_eos=False)
     assert len(tokenizer) == model.config.vocab_size
     text_streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, timeout=30)
     results = []

@@ -1,5 +1,6 @@
 """Corpus loading, tokenization to a flat array, and the stream batcher of the recurrent-memory LM."""
 
+import contextlib
 import hashlib
 import json
 import os
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from datasets import Dataset
 
 from hf_txl import TxlCharTokenizer, UnknownCharacterWarning
 from hf_txl.training.data import (
@@ -187,9 +189,57 @@ def test_tokenize_rows_in_order_with_eos_and_num_proc(tmp_path):
     assert with_eos.tolist() == expected
     assert np.array_equal(tokenize_to_array(split, tok, num_proc=2, append_eos=True), with_eos)
     with pytest.raises(ValueError, match="eos"):
-        tokenize_to_array(split, TxlCharTokenizer.from_corpus(rows), append_eos=True)
+        tokenize_to_array(split, TxlCharTokenizer.from_corpus(rows, add_eos=False), append_eos=True)
     with pytest.raises(ValueError, match="text column 'body' not found"):
         tokenize_to_array(split, tok, text_column="body")
+
+
+def token_streams(tmp_path, monkeypatch, *flags):
+    """hf_txl.train's (tokenizer, train ids, validation ids) for these flags, with the datasets cache in tmp_path."""
+    import datasets
+
+    from hf_txl.training.args import parse_args
+    from hf_txl.training.train import get_token_streams
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    args = parse_args(["--preset", "tiny", "--output_dir", str(tmp_path / "out"), *flags])
+    one_process = types.SimpleNamespace(main_process_first=contextlib.nullcontext)  # all an Accelerator gives here
+    return get_token_streams(args, one_process)
+
+
+DOCUMENTS = {"train": ["First document.\nTwo lines", "", "Second: é"], "validation": ["third one\n", "fourth"]}
+
+
+def test_training_streams_end_every_document_of_a_multi_row_dataset_with_eos(tmp_path, monkeypatch):
+    data_dir = tmp_path / "documents"
+    for split, rows in DOCUMENTS.items():  # a local dataset of documents, loaded as a Hub one is (--dataset_name)
+        Dataset.from_dict({"text": rows, "id": list(range(len(rows)))}).to_json(data_dir / f"{split}.jsonl")
+    tok, train, validation = token_streams(tmp_path, monkeypatch, "--dataset_name", str(data_dir))
+    eos = tok.eos_token_id
+    assert eos is not None
+    for ids, rows in ((train, DOCUMENTS["train"]), (validation, DOCUMENTS["validation"])):
+        assert ids.tolist() == [i for row in rows for i in [*tok.encode(row), eos]]  # the empty row too
+
+    # a word tokenizer's rows are lines: each already ends with its <eos>, so nothing is added
+    tok, train, _ = token_streams(tmp_path, monkeypatch, "--dataset_name", str(data_dir), "--tokenizer", "word")
+    assert tok.eos_token_id == tok.line_end_token_id
+    assert train.tolist() == tok.encode("".join(row + "\n" for row in DOCUMENTS["train"]))
+
+    # a tokenizer saved without an eos (before every tokenizer had one) joins them as before, and says so
+    old = TxlCharTokenizer.from_corpus(["".join(DOCUMENTS["train"] + DOCUMENTS["validation"])], add_eos=False)
+    old.save_pretrained(tmp_path / "old_tok")
+    flags = ("--dataset_name", str(data_dir), "--tokenizer_name", str(tmp_path / "old_tok"))
+    with pytest.warns(UserWarning, match="the tokenizer has no eos token, so the documents .* nothing between"):
+        tok, train, _ = token_streams(tmp_path, monkeypatch, *flags)
+    assert tok.eos_token_id is None and train.tolist() == tok.encode("".join(DOCUMENTS["train"]))
+
+
+def test_training_streams_of_one_file_have_no_eos(tmp_path, monkeypatch):
+    text = "A whole file is one document.\n\nEven with blank lines.\n" * 4
+    flags = ("--train_file", write(tmp_path / "t.txt", text), "--validation_split_fraction", "0.25")
+    tok, train, validation = token_streams(tmp_path, monkeypatch, *flags)
+    assert tok.eos_token_id is not None
+    assert train.tolist() + validation.tolist() == tok.encode(text)  # the bundled corpus is read the same way
 
 
 def test_tokenize_byte_level(tmp_path):

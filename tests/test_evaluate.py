@@ -1,5 +1,6 @@
 """The txl_lm evaluate metric, evaluate_stream's figures, scripts/evaluate.py (several memory lengths, bad input)."""
 
+import argparse
 import importlib.util
 import json
 import math
@@ -137,6 +138,20 @@ def test_cli_rows_per_memory_length_json_table_and_card(model_dir, text_file):
 
     card = (model_dir / "README.md").read_text()
     assert "model-index" in card and f"{rows[2]['bpc']:.4f}" in card
+
+
+def test_documents_of_a_dataset_end_with_eos_as_in_training(tmp_path, model_dir, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    rows = ["First Citizen:\nBefore we proceed", "", "All:\nSpeak, speak."]
+    for split in ("train", "validation"):
+        datasets.Dataset.from_dict({"text": rows}).to_json(tmp_path / "documents" / f"{split}.jsonl")
+    data = dict(dataset_name=str(tmp_path / "documents"), dataset_config_name=None, train_file=None,
+                validation_file=None, text_column="text", validation_fraction=0.1)  # fmt: skip
+    tokenizer = TxlCharTokenizer.from_pretrained(model_dir)
+    ids = load_script("evaluate").split_tokens(argparse.Namespace(split="validation"), tokenizer, data)
+    assert ids.tolist() == [i for row in rows for i in [*tokenizer.encode(row), tokenizer.eos_token_id]]
 
 
 def test_bad_model_directories_name_the_problem_and_the_fix(tmp_path, model_dir):

@@ -10,7 +10,13 @@ import warnings
 import pytest
 
 from hf_txl import DEFAULT_CORPUS_PATH, TxlCharTokenizer, TxlWordTokenizer, UnknownCharacterWarning
-from hf_txl.tokenization_txl import TOKENIZER_KINDS, build_tokenizer, fast_word_encoder, token_unit
+from hf_txl.tokenization_txl import (
+    TOKENIZER_KINDS,
+    build_tokenizer,
+    fast_word_encoder,
+    generation_eos_token_id,
+    token_unit,
+)
 
 ADVERSARIAL = [
     "",
@@ -44,17 +50,18 @@ def test_vocabulary_is_deterministic_and_special_tokens_come_first():
     tok = TxlCharTokenizer.from_corpus(["hello", "world\n"])
     again = TxlCharTokenizer.from_corpus(iter(["\nworld", "olleh"]))  # other order, same characters
     assert tok.get_vocab() == again.get_vocab()
-    assert tok.convert_ids_to_tokens(list(range(len(tok)))) == ["<unk>", "<pad>"] + sorted(set("helloworld\n"))
-    assert (tok.unk_token_id, tok.pad_token_id, tok.eos_token_id) == (0, 1, None)
-    assert len(tok) == tok.vocab_size == 2 + len(set("helloworld\n"))
-    with_eos = TxlCharTokenizer.from_corpus(["hello"], add_eos=True)
-    assert (with_eos.unk_token_id, with_eos.pad_token_id, with_eos.eos_token_id) == (0, 1, 2)
-    assert len(with_eos) == with_eos.vocab_size == 3 + len(set("hello"))
+    specials = ["<unk>", "<pad>", "<eos>"]
+    assert tok.convert_ids_to_tokens(list(range(len(tok)))) == specials + sorted(set("helloworld\n"))
+    assert (tok.unk_token_id, tok.pad_token_id, tok.eos_token_id) == (0, 1, 2)
+    assert len(tok) == tok.vocab_size == 3 + len(set("helloworld\n"))
+    without_eos = TxlCharTokenizer.from_corpus(["hello"], add_eos=False)  # the vocabulary before eos was the default
+    assert without_eos.convert_ids_to_tokens(list(range(len(without_eos)))) == ["<unk>", "<pad>"] + sorted("helo")
+    assert (without_eos.unk_token_id, without_eos.pad_token_id, without_eos.eos_token_id) == (0, 1, None)
 
 
 def test_shakespeare_vocabulary(char_tok, shakespeare):
     assert len(set(shakespeare)) == 65
-    assert len(char_tok) == 67
+    assert len(char_tok) == 68
 
 
 def test_whole_corpus_round_trip(char_tok, shakespeare):
@@ -108,10 +115,11 @@ def test_unknown_characters_become_unk_and_are_counted(char_tok):
 
 def test_byte_level_vocabulary():
     tok = TxlCharTokenizer.byte_level()
-    assert len(tok) == tok.vocab_size == 258
-    assert (tok.unk_token_id, tok.pad_token_id, tok.eos_token_id) == (256, 257, None)
+    assert len(tok) == tok.vocab_size == 259
+    assert (tok.unk_token_id, tok.pad_token_id, tok.eos_token_id) == (256, 257, 258)
     assert tok.encode("\x00\xff") == [0, 0xC3, 0xBF]
-    assert TxlCharTokenizer.byte_level(add_eos=True).eos_token_id == 258
+    without_eos = TxlCharTokenizer.byte_level(add_eos=False)
+    assert len(without_eos) == 258 and without_eos.eos_token_id is None
 
 
 def test_left_padding_by_default(char_tok):
@@ -151,6 +159,44 @@ def test_save_and_reload(tmp_path, kind, shakespeare):
         tok.pad_token_id,
         tok.eos_token_id,
     )
+
+
+def save_as_before_eos(kind: str, text: str, directory) -> None:
+    """A tokenizer directory as hf_txl saved it before every tokenizer had an eos. Char and byte: what
+    ``add_eos=False`` saves (the same files, byte for byte). Word: today's files without ``<eos>`` named as the
+    eos_token (then an ordinary word of the vocabulary, not an added special token)."""
+    if kind == "char":
+        TxlCharTokenizer.from_corpus([text], add_eos=False).save_pretrained(directory)
+    elif kind == "byte":
+        TxlCharTokenizer.byte_level(add_eos=False).save_pretrained(directory)
+    else:
+        TxlWordTokenizer.from_corpus([text]).save_pretrained(directory)
+        spec = json.loads((directory / "tokenizer.json").read_text())
+        spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] != "<eos>"]
+        (directory / "tokenizer.json").write_text(json.dumps(spec))
+        config = json.loads((directory / "tokenizer_config.json").read_text())
+        (directory / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": None}))
+
+
+@pytest.mark.parametrize("kind", TOKENIZER_KINDS)
+def test_tokenizers_saved_without_an_eos_load_and_work_as_before(tmp_path, kind, shakespeare):
+    from transformers import AutoTokenizer
+
+    text = shakespeare[:3000]
+    save_as_before_eos(kind, text, tmp_path)
+    old = AutoTokenizer.from_pretrained(tmp_path)
+    assert old.eos_token_id is None and generation_eos_token_id(old) is None and token_unit(old) == kind
+    ids = old.encode(text)
+    if kind == "word":  # today's vocabulary; the line ends are ordinary words, kept by skip_special_tokens
+        assert ids == TxlWordTokenizer.from_corpus([text]).encode(text) and fast_word_encoder(old)(text) == ids
+        lines = "\n".join(" ".join(line.split()) for line in text.split("\n"))
+        assert old.decode(ids, skip_special_tokens=True) == old.decode(ids) == lines
+        return
+    if kind == "char":  # <unk> 0, <pad> 1, then the characters (one id lower than with the eos)
+        assert (old.unk_token_id, old.pad_token_id) == (0, 1) and ids == [sorted(set(text)).index(c) + 2 for c in text]
+    else:  # byte b at id b, <unk> 256, <pad> 257
+        assert (old.unk_token_id, old.pad_token_id, len(old)) == (256, 257, 258) and ids == list(text.encode())
+    assert old.decode(ids) == text
 
 
 CLEAN_ENV_SCRIPT = textwrap.dedent(
@@ -244,7 +290,8 @@ def test_word_vocabulary_specials_then_most_frequent_first_ties_in_code_point_or
     # the x4, sat x2, then the words seen once in code point order; the corpus' own "<unk>" is the special one
     assert words == ["<unk>", "<pad>", "<eos>", "the", "sat", "a", "cat", "dog", "end", "mat", "on", "word"]
     assert (word_tok.unk_token_id, word_tok.pad_token_id, word_tok.line_end_token_id) == (0, 1, 2)
-    assert word_tok.eos_token_id is None  # <eos> is a line break, not an end of generation
+    assert word_tok.eos_token_id == 2  # the end-of-text token is the line end: what precedes a text
+    assert generation_eos_token_id(word_tok) is None  # but generation goes on across lines
     assert len(word_tok) == word_tok.vocab_size == 12
     again = TxlWordTokenizer.from_corpus(iter(reversed(WORD_CORPUS)))
     assert again.get_vocab() == word_tok.get_vocab()
@@ -262,7 +309,7 @@ def test_word_decode_joins_with_spaces_and_turns_eos_into_newlines(word_tok):
     text = "the cat\n\n  sat \t on the mat \nthe end\n"
     ids = word_tok(text)["input_ids"]
     assert word_tok.decode(ids) == "the cat\n\nsat on the mat\nthe end\n"
-    assert word_tok.decode(ids, skip_special_tokens=True) == word_tok.decode(ids)  # newlines are kept
+    assert word_tok.decode(ids, skip_special_tokens=True) == "the cat sat on the mat the end"  # <eos> is special
     assert word_tok.decode([2, 3, 2, 2, 0, 2]) == "\nthe\n\n<unk>\n"
     assert word_tok.decode([3, 0, 5], skip_special_tokens=True) == "the a"
     batch = word_tok(["the", "the cat sat"], padding=True)
@@ -328,10 +375,14 @@ def test_bad_word_corpora():
 
 def test_build_tokenizer_kinds_and_errors(shakespeare):
     assert build_tokenizer("char", [shakespeare]).get_vocab() == TxlCharTokenizer.from_corpus([shakespeare]).get_vocab()
-    assert len(build_tokenizer("byte", iter(()))) == 258  # the corpus is not read
+    assert len(build_tokenizer("byte", iter(()))) == 259  # the corpus is not read
     word = build_tokenizer("word", [shakespeare], min_frequency=2, max_vocab_size=5000)
     assert isinstance(word, TxlWordTokenizer) and len(word) == 5000
-    assert [token_unit(t) for t in (build_tokenizer(k, ["ab c"]) for k in TOKENIZER_KINDS)] == list(TOKENIZER_KINDS)
+    built = [build_tokenizer(k, ["ab c"]) for k in TOKENIZER_KINDS]
+    assert [token_unit(t) for t in built] == list(TOKENIZER_KINDS)
+    # every kind has an end-of-text token; word models do not stop generating at it (a line end)
+    eos = [(t.convert_ids_to_tokens(t.eos_token_id), generation_eos_token_id(t)) for t in built]
+    assert eos == [("<eos>", 2), ("<eos>", 258), ("<eos>", None)]
     with pytest.raises(ValueError, match=r"unknown tokenizer kind 'words'; choose one of \['char', 'byte', 'word'\]"):
         build_tokenizer("words", ["a"])
     with pytest.raises(ValueError, match=r"apply to word vocabularies only .*use kind='word'"):
@@ -409,5 +460,5 @@ def test_word_save_and_reload(tmp_path, word_tok):
     assert reloaded.decode(reloaded.encode(sample)) == sample.replace("zebra", "<unk>")
     assert reloaded.get_vocab() == word_tok.get_vocab() and len(reloaded) == len(word_tok)
     assert (reloaded.unk_token_id, reloaded.pad_token_id, reloaded.eos_token_id, reloaded.line_end_token_id) == (
-        0, 1, None, 2,
+        0, 1, 2, 2,
     )  # fmt: skip

@@ -36,6 +36,7 @@ def test_word_model_trains_with_adaptive_softmax_and_reports_perplexity(word_run
     out, log = word_run
     config = json.loads((out / "config.json").read_text())
     assert config["cutoffs"] == [2000, 6000] and config["div_val"] == 2
+    assert config["eos_token_id"] is None  # the tokenizer's eos is the line end: generation goes on across lines
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     train = [r["loss"] for r in records if "loss" in r]
     assert train[-1] < train[0] - 1.0, train  # from ~ln(vocab) down

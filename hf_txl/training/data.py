@@ -40,6 +40,7 @@ __all__ = [
     "load_corpus",
     "load_token_array",
     "save_token_array",
+    "separates_documents",
     "token_dtype",
     "tokenize_to_array",
 ]
@@ -279,6 +280,26 @@ def tokenize_to_array(
             stacklevel=2,
         )
     return ids
+
+
+def separates_documents(tokenizer: Any, *splits: Dataset) -> bool:
+    """Whether the rows of ``splits`` are documents to end with the eos (``tokenize_to_array(append_eos=...)``).
+
+    True when a split has more than one row (a Hub dataset of documents), unless the tokenizer is word level (its
+    rows are lines, each already ending with the ``<eos>`` word). A local text file or the bundled corpus is read
+    whole, one row per split: one document, no eos. A tokenizer without an eos (one saved before hf_txl's
+    tokenizers all had one) gives False, with a warning: its documents are joined with nothing between them.
+    """
+    if token_unit(tokenizer) == "word" or not any(len(split) > 1 for split in splits):
+        return False
+    if tokenizer.eos_token_id is None:
+        warnings.warn(
+            "the tokenizer has no eos token, so the documents (rows) of the corpus are joined with nothing between "
+            "them; build a tokenizer with one (hf_txl's have <eos>) to separate them",
+            stacklevel=2,
+        )
+        return False
+    return True
 
 
 class _BatchEncoder:

@@ -26,11 +26,11 @@ from transformers import AutoTokenizer, get_scheduler
 
 from ..configuration_txl import TxlConfig
 from ..modeling_txl import TxlForCausalLM
-from ..tokenization_txl import build_tokenizer, token_unit
+from ..tokenization_txl import build_tokenizer, generation_eos_token_id, token_unit
 from .args import PROG, UsageError, parse_args, plain_args, user_errors
 from .checkpointing import CHECKPOINTS, check_resume_config, list_checkpoints, load_checkpoint, resolve_checkpoint
 from .checkpointing import save_checkpoint as save_checkpoint_dir
-from .data import StreamBatcher, load_corpus, tokenize_to_array
+from .data import StreamBatcher, load_corpus, separates_documents, tokenize_to_array
 from .evaluation import evaluate_stream, headline
 from .export import export_model_dir
 from .hub import HubPushError, push_model_dir
@@ -43,7 +43,12 @@ from .runtime import configure_cpu_threads, cpu_has_native_bf16, enable_fsdp_on_
 
 
 def get_token_streams(args, accelerator):
-    """Load the corpus, learn (or load) the tokenizer, and return (tokenizer, train ids, validation ids)."""
+    """Load the corpus, learn (or load) the tokenizer, and return (tokenizer, train ids, validation ids).
+
+    A corpus with several rows in a split (a Hub dataset of documents) gets the end-of-text id after each row, so
+    the model learns where a document ends; a local file or the bundled corpus (read whole, one row per split) is
+    one document and gets none, and neither does a word-level corpus (its rows are lines, each already ending with
+    the ``<eos>`` word): ``hf_txl.training.data.separates_documents``."""
     with user_errors():
         corpus = load_corpus(
             dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
@@ -60,18 +65,23 @@ def get_token_streams(args, accelerator):
             tokenizer = build_tokenizer(
                 args.tokenizer, texts, min_frequency=args.min_frequency, max_vocab_size=args.max_vocab_size
             )
+        documents = separates_documents(tokenizer, *corpus.values())
         with accelerator.main_process_first():
-            kwargs = dict(text_column=args.text_column, num_proc=args.preprocessing_num_workers)
+            kwargs = dict(text_column=args.text_column, num_proc=args.preprocessing_num_workers, append_eos=documents)
             train_ids = tokenize_to_array(corpus["train"], tokenizer, **kwargs)
             eval_ids = tokenize_to_array(corpus["validation"], tokenizer, **kwargs)
     return tokenizer, train_ids, eval_ids
 
 
 def build_config(args, tokenizer) -> TxlConfig:
+    """The model configuration: the preset, the tokenizer's sizes and ids, then ``--config_overrides``.
+
+    ``eos_token_id`` (where ``generate`` stops) is the tokenizer's end-of-text id for character and byte models
+    and None for word models, whose ``<eos>`` is every line end (``generation_eos_token_id``)."""
     fields = dict(args.model_preset)
     fields.update(
         vocab_size=len(tokenizer), mem_len=args.mem_len, clamp_len=args.clamp_len,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=generation_eos_token_id(tokenizer),
     )  # fmt: skip
     fields.update(args.model_overrides)
     with user_errors("invalid model configuration: "):
