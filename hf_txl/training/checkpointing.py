@@ -27,7 +27,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..cache_txl import TxlCache
@@ -182,6 +182,10 @@ def load_mems(path: Path, device) -> TxlCache | None:
 # ----------------------------------------------------------------------------------------------------
 
 
+class CheckpointWriteError(Exception):
+    """A checkpoint could not be written (no space, a quota, any write error); its partial files were removed."""
+
+
 def save_checkpoint(
     accelerator,
     output_dir: str | os.PathLike,
@@ -192,30 +196,78 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     keep_last: int = 2,
 ) -> Path:
-    """Write checkpoint ``step`` atomically (all processes must call this), keep the newest ``keep_last``."""
+    """Write checkpoint ``step`` atomically (all processes must call this), keep the newest ``keep_last``.
+
+    Before writing, the main process checks that the device has room for a checkpoint as large as the newest one.
+    A write that fails on any process (a full disk included) removes the partial checkpoint and raises
+    ``CheckpointWriteError`` with one line on every process; the earlier checkpoints are left as they were."""
+    from .faults import check_free_space, directory_bytes
+
     root = Path(output_dir) / CHECKPOINTS
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
+    what = f"checkpoint {final.name}"
+    failure = None
     if accelerator.is_main_process:
         for stale in root.glob(".tmp_step_*") if root.is_dir() else []:
             shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    rank = accelerator.process_index
-    save_mems(mems, tmp / f"mems_{rank}.safetensors")
-    (tmp / f"stream_{rank}.json").write_text(json.dumps(stream_state))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+        existing = list_checkpoints(output_dir)
+        if existing:
+            failure = check_free_space(what, root, directory_bytes(existing[-1][1]))
+        if failure is None:
+            failure = _try_write(what, root, lambda: tmp.mkdir(parents=True))
+    _raise_if_any(accelerator, failure, tmp)
+
+    def write_own_part():
+        accelerator.save_state(str(tmp))
+        rank = accelerator.process_index
+        save_mems(mems, tmp / f"mems_{rank}.safetensors")
+        (tmp / f"stream_{rank}.json").write_text(json.dumps(stream_state))
+
+    _raise_if_any(accelerator, _try_write(what, root, write_own_part), tmp)
+
+    def complete():
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
         write_manifest(tmp)
         if final.exists():  # the same step saved again after a resume: replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
+
+    failure = _try_write(what, root, complete) if accelerator.is_main_process else None
+    _raise_if_any(accelerator, failure, tmp)
+    if accelerator.is_main_process:
         for _, old in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _try_write(what: str, root: Path, write) -> str | None:
+    """Run ``write()``; None, or the one-line message of its failure (OSError, torch's or safetensors' errors)."""
+    from .faults import write_error_message
+
+    try:
+        write()
+    except (OSError, RuntimeError, SafetensorError) as error:
+        return write_error_message(what, root, error)
+    return None
+
+
+def _raise_if_any(accelerator, failure: str | None, tmp: Path) -> None:
+    """Every process learns whether any failed (a collective call); then the partial checkpoint is removed and
+    ``CheckpointWriteError`` raised everywhere."""
+    failures = [failure]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        failures = gather_object([failure])
+    first = next((f for f in failures if f), None)
+    if first is None:
+        return
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    raise CheckpointWriteError(first)
 
 
 def load_checkpoint(accelerator, path: Path) -> tuple[dict[str, Any], TxlCache | None, dict]:

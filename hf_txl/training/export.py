@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 
@@ -68,10 +69,34 @@ def export_model_dir(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if state_dict is not None:
         state_dict = share_tied_tensors(model, state_dict)
-    with unsharded_class(model):
-        model.save_pretrained(output_dir, state_dict=state_dict)
-    tokenizer.save_pretrained(output_dir)
-    (output_dir / "eval_results.json").write_text(json.dumps(eval_results, indent=2))
-    record = {**training_args, "hf_txl_version": __version__}
-    (output_dir / "training_args.json").write_text(json.dumps(record, indent=2))
-    write_model_card(output_dir, repo_id=repo_id)
+    with staged(output_dir) as stage:  # written whole, then moved into place: a failed write leaves no half export
+        with unsharded_class(model):
+            model.save_pretrained(stage, state_dict=state_dict)
+        tokenizer.save_pretrained(stage)
+        (stage / "eval_results.json").write_text(json.dumps(eval_results, indent=2))
+        record = {**training_args, "hf_txl_version": __version__}
+        (stage / "training_args.json").write_text(json.dumps(record, indent=2))
+        write_model_card(stage, repo_id=repo_id)
+
+
+@contextlib.contextmanager
+def staged(output_dir: Path):
+    """A staging directory ``<output_dir>/.tmp_export`` (holding a link to the run's ``log.jsonl`` for the card's
+    loss curve); on success its files replace those of ``output_dir`` one rename each, on any error it is removed
+    and ``output_dir`` keeps what it had (an earlier export included)."""
+    stage = output_dir / ".tmp_export"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    log = output_dir / "log.jsonl"
+    try:
+        if log.is_file():
+            try:
+                os.link(log, stage / log.name)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(log, stage / log.name)
+        yield stage
+        (stage / log.name).unlink(missing_ok=True)
+        for file in stage.iterdir():
+            os.replace(file, output_dir / file.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

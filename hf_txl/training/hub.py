@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 # Files of a training run that do not belong in a published model repository.
-IGNORE_PATTERNS = ["checkpoints/*", "checkpoints/**", "*.tmp", ".tmp*"]
+IGNORE_PATTERNS = ["checkpoints/*", "checkpoints/**", "*.tmp", ".tmp*", ".hf_txl.lock"]  # the run's, not the model's
 
 # owner/name (or a bare name), as the Hub spells repository ids.
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")

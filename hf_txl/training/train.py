@@ -22,17 +22,26 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
+from safetensors import SafetensorError
 from transformers import AutoTokenizer, get_scheduler
 
 from ..configuration_txl import TxlConfig
 from ..modeling_txl import TxlForCausalLM
 from ..tokenization_txl import build_tokenizer, generation_eos_token_id, token_unit
 from .args import PROG, UsageError, parse_args, plain_args, user_errors
-from .checkpointing import CHECKPOINTS, check_resume_config, list_checkpoints, load_checkpoint, resolve_checkpoint
+from .checkpointing import (
+    CHECKPOINTS,
+    CheckpointWriteError,
+    check_resume_config,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_checkpoint,
+)
 from .checkpointing import save_checkpoint as save_checkpoint_dir
 from .data import StreamBatcher, load_corpus, separates_documents, tokenize_to_array
 from .evaluation import evaluate_stream, headline
 from .export import export_model_dir
+from .faults import EXIT_PREEMPTED, OutputDirInUse, OutputDirLock, StopRequest, check_free_space, write_error_message
 from .hub import HubPushError, push_model_dir
 from .progress import TrainingProgress, make_optimizer
 from .runtime import configure_cpu_threads, cpu_has_native_bf16, enable_fsdp_on_cpu, keep_freed_memory_in_process
@@ -110,6 +119,36 @@ def prepare_output_dir(args, accelerator) -> None:
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
 
 
+class TrainingFault(Exception):
+    """The run stopped on a fault of the machine or the training (a full disk, a non-finite loss): one line, exit 1,
+    everything saved before intact."""
+
+
+class Preempted(Exception):
+    """The run stopped on SIGTERM / SIGUSR1 after writing a checkpoint: exit ``EXIT_PREEMPTED``."""
+
+
+def lock_output_dir(args, accelerator) -> OutputDirLock | None:
+    """One run per --output_dir: the main process takes the directory's lock (every process learns whether it got
+    it), before any checkpoint is read or anything deleted, --overwrite_output_dir included."""
+    from accelerate.utils import broadcast_object_list
+
+    lock, refusal = None, [None]
+    if accelerator.is_main_process:
+        lock = OutputDirLock(args.output_dir)
+        try:
+            lock.acquire()
+        except OutputDirInUse as error:
+            lock, refusal = None, [str(error)]
+        except OSError as error:
+            lock, refusal = None, [write_error_message("the lock file", Path(args.output_dir), error)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(refusal)
+    if refusal[0]:
+        raise UsageError(refusal[0])
+    return lock
+
+
 def distribution(accelerator) -> str:
     """How the run is distributed, for the log: ``FSDP2``, ``MULTI_CPU`` (DDP on CPUs), ``MULTI_GPU``, ``NO``..."""
     if accelerator.distributed_type == DistributedType.FSDP:
@@ -183,24 +222,40 @@ def build_training_objects(args, accelerator, config):
     return model, optimizer, scheduler
 
 
-def resume(accelerator, path: Path, batches: StreamBatcher) -> tuple[int, object]:
-    """Restore every state from checkpoint ``path``; returns (step, this process's memory)."""
+def resume(accelerator, path: Path, batches: StreamBatcher, args, optimizer, scheduler) -> tuple[int, object]:
+    """Restore every state from checkpoint ``path``; returns (step, this process's memory). A --learning_rate other
+    than the checkpoint's scales the restored schedule from here on (e.g. lower, after a non-finite loss)."""
     with user_errors():
         trainer_state, mems, stream_state = load_checkpoint(accelerator, path)
         batches.load_state_dict(stream_state)
     accelerator.print(f"Resumed from {path} at step {trainer_state['step']}.")
+    saved_rate = trainer_state.get("args", {}).get("learning_rate")
+    if saved_rate and saved_rate != args.learning_rate:
+        scale = args.learning_rate / saved_rate
+        for group in optimizer.param_groups:
+            group["lr"] *= scale
+            if "initial_lr" in group:
+                group["initial_lr"] *= scale
+        scheduler.base_lrs = [rate * scale for rate in scheduler.base_lrs]
+        accelerator.print(
+            f"Learning rate {args.learning_rate:g} instead of the checkpoint's {saved_rate:g}: the schedule is scaled "
+            f"by {scale:g} from step {trainer_state['step'] + 1}."
+        )
     return trainer_state["step"], mems
 
 
-def save_checkpoint(args, accelerator, step, *, mems, batches, config) -> None:
+def save_checkpoint(args, accelerator, step, *, mems, batches, config) -> Path:
     state = {
         "step": step, "epoch": batches.epoch, "num_processes": accelerator.num_processes,
         "model_config": config.to_dict(), "args": plain_args(args),
     }  # fmt: skip
-    save_checkpoint_dir(
-        accelerator, args.output_dir, step, mems=mems, stream_state=batches.state_dict(), trainer_state=state,
-        keep_last=args.checkpoints_total_limit,
-    )  # fmt: skip
+    try:
+        return save_checkpoint_dir(
+            accelerator, args.output_dir, step, mems=mems, stream_state=batches.state_dict(), trainer_state=state,
+            keep_last=args.checkpoints_total_limit,
+        )  # fmt: skip
+    except CheckpointWriteError as error:
+        raise TrainingFault(str(error)) from None
 
 
 def accumulation_window(position: int, steps_in_epoch: int, accumulation_steps: int) -> int:
@@ -213,12 +268,15 @@ def accumulation_window(position: int, steps_in_epoch: int, accumulation_steps: 
 
 
 def check_finite(loss: float, step: int, args) -> None:
-    if not math.isfinite(loss):
-        raise UsageError(
-            f"the training loss became {loss} at step {step}; stopping. The last good checkpoint (if any) in "
-            f"{Path(args.output_dir) / CHECKPOINTS} is intact: lower --learning_rate or --max_grad_norm and resume "
-            "from it."
-        )
+    """A non-finite loss stops the run before anything of this step is saved, naming the checkpoint to resume."""
+    if math.isfinite(loss):
+        return
+    saved = list_checkpoints(args.output_dir)
+    last = f"the last checkpoint, {saved[-1][1]}, is intact" if saved else "no checkpoint was written yet"
+    raise TrainingFault(
+        f"the training loss became {loss} at step {step}; stopped, {last}. Resume with --resume_from_checkpoint "
+        "latest and a lower --learning_rate (or --max_grad_norm)."
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -228,6 +286,17 @@ def check_finite(loss: float, step: int, args) -> None:
 
 def training_function(args) -> dict:
     accelerator = make_accelerator(args)
+    lock = lock_output_dir(args, accelerator)
+    stop = StopRequest().install()
+    try:
+        return train_locked(args, accelerator, stop)
+    finally:
+        stop.uninstall()
+        if lock is not None:
+            lock.release()
+
+
+def train_locked(args, accelerator, stop: StopRequest) -> dict:
     resume_path = find_checkpoint(args, accelerator)
     prepare_output_dir(args, accelerator)
     set_seed(args.seed)
@@ -241,7 +310,9 @@ def training_function(args) -> dict:
     if args.max_train_steps is None:
         args.max_train_steps = math.ceil((args.num_train_epochs or 1.0) * steps_per_epoch)
     model, optimizer, scheduler = build_training_objects(args, accelerator, config)
-    step, mems = resume(accelerator, resume_path, batches) if resume_path is not None else (0, None)
+    step, mems = 0, None
+    if resume_path is not None:
+        step, mems = resume(accelerator, resume_path, batches, args, optimizer, scheduler)
     if args.with_tracking:
         accelerator.init_trackers("hf_txl", config=plain_args(args))
     progress = TrainingProgress(
@@ -286,13 +357,23 @@ def training_function(args) -> dict:
             step += 1
             loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
             micro_losses = []
+            if not math.isfinite(loss):
+                progress.close()  # the bar's last line before the error's
             check_finite(loss, step, args)
             progress.step(step, loss=loss, lr=scheduler.get_last_lr()[0], epoch=batches.epoch)
             if args.eval_steps and step % args.eval_steps == 0 and step < args.max_train_steps:
                 metrics = evaluate_stream(model, eval_ids, max_steps=args.max_eval_steps, **evaluation)
                 progress.evaluation(step, metrics, message=f"step {step}: eval {headline(metrics, unit)}")
+            saved = None
             if isinstance(args.checkpointing_steps, int) and step % args.checkpointing_steps == 0:
-                save_checkpoint(args, accelerator, step, mems=mems, batches=batches, config=config)
+                saved = save_checkpoint(args, accelerator, step, mems=mems, batches=batches, config=config)
+            if stop.agreed(accelerator):  # SIGTERM / SIGUSR1: this step is done; checkpoint it and leave
+                saved = saved or save_checkpoint(args, accelerator, step, mems=mems, batches=batches, config=config)
+                progress.close()
+                raise Preempted(
+                    f"stopped by {stop.name} after step {step}: checkpoint {saved} written; continue with "
+                    "--resume_from_checkpoint latest (same --output_dir and number of processes)."
+                )
             if step >= args.max_train_steps:
                 break
         if args.checkpointing_steps == "epoch" and batches.step == len(batches):  # an epoch ended (the last one too)
@@ -313,13 +394,22 @@ def export(args, accelerator, model, tokenizer, metrics: dict, step: int) -> Non
     accelerator.wait_for_everyone()
     sharded = accelerator.distributed_type == DistributedType.FSDP
     state_dict = accelerator.get_state_dict(model) if sharded else None  # every process gathers its shards
+    failure = None
     if accelerator.is_main_process:
         recorded = {**plain_args(args), "command": "accelerate launch scripts/train.py " + " ".join(sys.argv[1:])}
         results = {"step": step, "eval_mem_len": args.eval_mem_len, "eval_tgt_len": args.eval_tgt_len, **metrics}
-        export_model_dir(
-            args.output_dir, accelerator.unwrap_model(model), tokenizer, state_dict=state_dict,
-            eval_results=results, training_args=recorded, repo_id=args.hub_model_id,
-        )  # fmt: skip
+        weights = sum(p.numel() * p.element_size() for p in accelerator.unwrap_model(model).parameters())
+        failure = check_free_space("the model export", Path(args.output_dir), weights)
+        try:
+            if failure is None:
+                export_model_dir(
+                    args.output_dir, accelerator.unwrap_model(model), tokenizer, state_dict=state_dict,
+                    eval_results=results, training_args=recorded, repo_id=args.hub_model_id,
+                )  # fmt: skip
+        except (OSError, RuntimeError, SafetensorError) as error:
+            failure = write_error_message("the model export", Path(args.output_dir), error, needed=weights)
+    _raise_fault_on_every_process(accelerator, failure)
+    if accelerator.is_main_process:
         accelerator.print(f"Model written to {args.output_dir} (model card: README.md)")
         if args.push_to_hub:
             try:
@@ -332,7 +422,20 @@ def export(args, accelerator, model, tokenizer, metrics: dict, step: int) -> Non
     accelerator.wait_for_everyone()
 
 
+def _raise_fault_on_every_process(accelerator, failure: str | None) -> None:
+    failures = [failure]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        failures = gather_object([failure])
+    first = next((f for f in failures if f), None)
+    if first is not None:
+        raise TrainingFault(first)
+
+
 def main(argv=None) -> None:
+    """Exit status: 0 done, 2 a usage error, 1 a fault (full disk, non-finite loss), ``EXIT_PREEMPTED`` (75) stopped
+    by SIGTERM / SIGUSR1 after a checkpoint. Each non-zero exit prints one line."""
     try:
         args = parse_args(argv, description=__doc__)
         keep_freed_memory_in_process()
@@ -340,6 +443,12 @@ def main(argv=None) -> None:
     except UsageError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except TrainingFault as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except Preempted as stopped:
+        print(f"{PROG}: {stopped}", file=sys.stderr)
+        raise SystemExit(EXIT_PREEMPTED) from None
 
 
 if __name__ == "__main__":
