@@ -30,6 +30,7 @@ from hf_txl.training.args import PROG, UsageError, parse_args, user_errors
 from hf_txl.training.progress import make_optimizer
 from hf_txl.training.runtime import configure_cpu_threads
 from hf_txl.training.train import build_config, get_token_streams
+from hf_txl.training.trainer import TrainingPreempted
 
 
 def training_arguments(args) -> TrainingArguments:
@@ -97,3 +98,6 @@ if __name__ == "__main__":
     except UsageError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except TrainingPreempted as stopped:  # SIGTERM / SIGUSR1: the step is checkpointed; exit status 75
+        print(f"{PROG}: {stopped}", file=sys.stderr)
+        raise

@@ -8,6 +8,7 @@ the losses by far more than the tolerances (checked in each test against the sam
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -391,3 +392,35 @@ def test_evaluation_during_training_and_torch_compile(tmp_path, corpus):
     assert all(torch.equal(a[k], b[k]) for k in a)
     compiled_losses = logged_losses(json.loads((compiled / "log_history.json").read_text()))
     assert compiled_losses == pytest.approx(reference, rel=1e-4, abs=0)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_the_trainer_resumes_exactly(tmp_path, corpus):
+    """SIGTERM during TxlTrainer.train(): the step ends, a checkpoint with the memory is saved (no save_strategy
+    given), exit status 75; resume_from_checkpoint=latest then logs what an uninterrupted run logs."""
+    script = [sys.executable, str(ROOT / "scripts" / "train_with_trainer.py"), *TINY[:-4], *corpus]
+    constant = ["--lr_scheduler_type", "constant", "--num_warmup_steps", "0", "--config_overrides", "init_std=0.3"]
+    out, whole = tmp_path / "run", tmp_path / "whole"
+    with (tmp_path / "stderr.txt").open("w") as errors:
+        process = subprocess.Popen(
+            script + [*constant, "--max_train_steps", "100000", "--output_dir", str(out)], env=ENV, cwd=ROOT,
+            text=True, stdout=subprocess.PIPE, stderr=errors,
+        )  # fmt: skip
+        logged = 0
+        while logged < 3:  # Trainer prints each logged step ({'loss': ...}) on stdout
+            line = process.stdout.readline()
+            assert line, (tmp_path / "stderr.txt").read_text()[-3000:]
+            logged += "'loss'" in line
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=120)
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert process.returncode == 75, stderr[-3000:]
+    (checkpoint,) = out.glob("checkpoint-*")
+    step = int(checkpoint.name.split("-")[1])
+    assert f"stopped by SIGTERM after step {step}" in stderr and (checkpoint / "txl_memory_0.safetensors").is_file()
+    more = [*constant, "--max_train_steps", str(step + 3)]
+    run(script + [*more, "--output_dir", str(out), "--resume_from_checkpoint", "latest"])
+    run(script + [*more, "--output_dir", str(whole)])
+    resumed = {r["step"]: r["loss"] for r in json.loads((out / "log_history.json").read_text()) if "loss" in r}
+    uninterrupted = {r["step"]: r["loss"] for r in json.loads((whole / "log_history.json").read_text()) if "loss" in r}
+    assert [resumed[s] for s in range(step + 1, step + 4)] == [uninterrupted[s] for s in range(step + 1, step + 4)]

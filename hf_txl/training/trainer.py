@@ -26,14 +26,15 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset, SequentialSampler
-from transformers import Trainer, default_data_collator
+from transformers import Trainer, TrainerCallback, default_data_collator
 from transformers.trainer_utils import get_last_checkpoint
 
 from .checkpointing import load_mems, save_mems
 from .data import StreamBatcher, tokenize_to_array
 from .evaluation import evaluate_stream
+from .faults import EXIT_PREEMPTED, StopRequest
 
-__all__ = ["TxlStreamDataset", "TxlTrainer"]
+__all__ = ["TrainingPreempted", "TxlStreamDataset", "TxlTrainer"]
 
 #: Written into every ``TxlTrainer`` checkpoint (next to Trainer's own files).
 STATE_FILE = "txl_state.json"  # the stream settings the memory belongs to (main process)
@@ -100,6 +101,37 @@ class TxlStreamDataset(Dataset):
         }  # fmt: skip
 
 
+class TrainingPreempted(SystemExit):
+    """``TxlTrainer.train`` stopped on SIGTERM / SIGUSR1 after checkpointing the step: exits the script with status
+    75 (``EXIT_PREEMPTED``) unless caught; ``str()`` says where to resume."""
+
+    def __init__(self, message: str):
+        super().__init__(EXIT_PREEMPTED)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class _StopOnSignal(TrainerCallback):
+    """SIGTERM / SIGUSR1 during ``train()``: after the current optimizer step, every process agrees to save a
+    checkpoint and stop (hf_txl.train's rule; transformers' Trainer itself has none)."""
+
+    def __init__(self, trainer):
+        self.trainer, self.request, self.stopped = trainer, StopRequest(), False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.stopped = False
+        self.request.install()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.request.agreed(self.trainer.accelerator):  # a collective call, made by every process
+            self.stopped = control.should_save = control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.request.uninstall()
+
+
 class TxlTrainer(Trainer):
     """``transformers.Trainer`` for Transformer-XL: the segments in order, the memory carried.
 
@@ -115,7 +147,9 @@ class TxlTrainer(Trainer):
       ...)`` restores them, and refuses a checkpoint of another number of processes, batch size, ``tgt_len`` or
       token stream before anything is loaded or written;
     * settings that would break the order raise ``ValueError`` naming the argument;
-    * ``model.config.use_cache`` keeps its value (``Trainer`` sets it from ``TrainingArguments.use_cache``).
+    * ``model.config.use_cache`` keeps its value (``Trainer`` sets it from ``TrainingArguments.use_cache``);
+    * SIGTERM / SIGUSR1 during ``train()`` finish the optimizer step, save a checkpoint (whatever ``save_strategy``)
+      and raise :class:`TrainingPreempted` (a ``SystemExit`` with status 75) on every process.
 
     The loss of a micro-batch is its mean over tokens, divided by the number of micro-batches of its window (the
     last window of an epoch may be shorter), as ``hf_txl.train`` does.
@@ -134,6 +168,8 @@ class TxlTrainer(Trainer):
         self._check_settings()
         self._memory = None  # this process's training memory (a TxlCache)
         self._next_segment = None  # the segment that continues it
+        self._stop = _StopOnSignal(self)
+        self.add_callback(self._stop)
 
     # ---- settings -------------------------------------------------------------------------------
 
@@ -265,7 +301,17 @@ class TxlTrainer(Trainer):
             path = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
         if isinstance(path, (str, os.PathLike)):
             self._check_checkpoint(Path(path))
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        try:
+            output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        finally:
+            self._stop.request.uninstall()
+        if self._stop.stopped:
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            raise TrainingPreempted(
+                f"stopped by {self._stop.request.name} after step {self.state.global_step}: checkpoint {folder} "
+                "written; continue with train(resume_from_checkpoint=True) on the same number of processes."
+            )
+        return output
 
     def _check_checkpoint(self, path: Path) -> None:
         state_file = path / STATE_FILE
