@@ -209,7 +209,10 @@ def test_empty_corpus_is_a_clear_error(tmp_path):
 
 
 def file_times(root: Path) -> dict:
-    return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*") if p.is_file()}
+    """Every file's (mtime, size), the run's lock file excepted (each run, refused or not, takes and gives back the
+    lock: it names the holder, it holds no data)."""
+    files = (p for p in root.rglob("*") if p.is_file() and p.name != ".hf_txl.lock")
+    return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in files}
 
 
 @pytest.mark.slow
@@ -298,7 +301,7 @@ def test_plain_accelerate_launch_uses_the_cores(tmp_path, extra_env, train_flags
 def test_existing_run_is_protected_and_config_mismatch_is_refused(tmp_path):
     out = tmp_path / "run"
     run_train([*TINY, "--max_train_steps", "4", "--checkpointing_steps", "2", "--output_dir", str(out)])
-    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    before = file_times(out)
 
     again = run_train([*TINY, "--max_train_steps", "4", "--output_dir", str(out)], check=False)
     assert again.returncode != 0 and "--resume_from_checkpoint latest" in again.stderr
@@ -310,5 +313,4 @@ def test_existing_run_is_protected_and_config_mismatch_is_refused(tmp_path):
     assert mismatch.returncode != 0 and "different model configuration (n_layer" in mismatch.stderr
     missing = run_train([*TINY, "--output_dir", str(out), "--resume_from_checkpoint", str(tmp_path)], check=False)
     assert missing.returncode != 0 and "not a complete checkpoint" in missing.stderr
-    after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    assert after == before
+    assert file_times(out) == before
