@@ -3,6 +3,7 @@ the CPU thread count under accelerate launch, bad input."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -215,17 +216,26 @@ def file_times(root: Path) -> dict:
     return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in files}
 
 
+DAMAGE_RUN = [*TINY, "--max_train_steps", "12", "--checkpointing_steps", "4", "--checkpoints_total_limit", "3"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """An uninterrupted 12-step run with checkpoints at 4, 8 and 12 (each test damages its own copy)."""
+    straight = tmp_path_factory.mktemp("damage") / "straight"
+    run_train([*DAMAGE_RUN, "--output_dir", str(straight)])
+    return straight
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "overwrite"])
-def test_damaged_checkpoint_is_found_before_loading(tmp_path, damage):
+def test_damaged_checkpoint_is_found_before_loading(tmp_path, damage, straight_run):
     """A truncated or overwritten file in the newest checkpoint: an explicit path to it is refused naming the file,
     and nothing changes; ``latest`` falls back to the previous checkpoint with a warning and then continues exactly
     like an uninterrupted run."""
-    common = [*TINY, "--max_train_steps", "12", "--checkpointing_steps", "4", "--checkpoints_total_limit", "3"]
-    straight = tmp_path / "straight"
-    run_train([*common, "--output_dir", str(straight)])
+    common, straight = DAMAGE_RUN, straight_run
     out = tmp_path / "run"
-    run_train([*common, "--output_dir", str(out)])
+    shutil.copytree(straight, out)  # the same run, byte for byte
     newest = out / "checkpoints" / "step_00000012"
     weights = newest / "model.safetensors"
     data = weights.read_bytes()

@@ -346,14 +346,23 @@ def test_same_training_as_hf_txl_train(tmp_path, corpus, processes, accumulation
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory):
+    """scripts/train_with_trainer.py, one process, six steps with a checkpoint every two (the reference of the
+    kill and evaluation tests; checkpoints change nothing of the arithmetic)."""
+    whole = tmp_path_factory.mktemp("trainer") / "whole"
+    run([sys.executable, str(ROOT / "scripts" / "train_with_trainer.py"), *TINY, *corpus, "--checkpointing_steps",
+         "2", "--output_dir", str(whole)])  # fmt: skip
+    return whole
+
+
 @pytest.mark.slow
-def test_killed_run_resumes_exactly_and_refuses_another_process_count(tmp_path, corpus):
+def test_killed_run_resumes_exactly_and_refuses_another_process_count(tmp_path, corpus, uninterrupted):
     """SIGKILL after step 5 (mid-epoch; checkpoints every 2 steps), then resume_from_checkpoint=latest: steps 5-6
     and the final weights equal the uninterrupted run. A resume with two processes is refused first, naming the
     process count, and changes no file."""
-    common = [*TINY, *corpus, "--checkpointing_steps", "2", "--max_train_steps", "7"]
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    run([sys.executable, str(ROOT / "scripts" / "train_with_trainer.py"), *common, "--output_dir", str(whole)])
+    common = [*TINY, *corpus, "--checkpointing_steps", "2"]
+    whole, killed = uninterrupted, tmp_path / "killed"
     worker = [str(WORKER), "train", *common, "--output_dir", str(killed)]
     result = subprocess.run(
         [sys.executable, *worker], capture_output=True, text=True, cwd=ROOT, timeout=600,
@@ -368,20 +377,19 @@ def test_killed_run_resumes_exactly_and_refuses_another_process_count(tmp_path, 
     assert tree_digest(killed) == before
     run([sys.executable, *worker, "--resume_from_checkpoint", "latest"])
     resumed = {r["step"]: r["loss"] for r in json.loads((killed / "log_history.json").read_text()) if "loss" in r}
-    uninterrupted = {r["step"]: r["loss"] for r in json.loads((whole / "log_history.json").read_text()) if "loss" in r}
-    assert sorted(resumed) == sorted(uninterrupted) == list(range(1, 8))  # 1-4 from the checkpoint's trainer state
-    assert all(resumed[s] == uninterrupted[s] for s in resumed)
+    reference = {r["step"]: r["loss"] for r in json.loads((whole / "log_history.json").read_text()) if "loss" in r}
+    assert sorted(resumed) == sorted(reference) == list(range(1, 7))  # 1-4 from the checkpoint's trainer state
+    assert all(resumed[s] == reference[s] for s in resumed)
     a, b = load_file(whole / "model.safetensors"), load_file(killed / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow
-def test_evaluation_during_training_and_torch_compile(tmp_path, corpus):
+def test_evaluation_during_training_and_torch_compile(tmp_path, corpus, uninterrupted):
     """An evaluation every 2 steps changes nothing of the training (the same losses and weights, bit for bit);
     --torch_compile (the Trainer compiles the model) gives the same losses up to float32 rounding."""
     script = [sys.executable, str(ROOT / "scripts" / "train_with_trainer.py"), *TINY, *corpus]
-    plain, evaluated, compiled = tmp_path / "plain", tmp_path / "evaluated", tmp_path / "compiled"
-    run(script + ["--output_dir", str(plain)])
+    plain, evaluated, compiled = uninterrupted, tmp_path / "evaluated", tmp_path / "compiled"
     run(script + ["--eval_steps", "2", "--output_dir", str(evaluated)])
     run(script + ["--torch_compile", "--output_dir", str(compiled)])
     reference = logged_losses(json.loads((plain / "log_history.json").read_text()))
