@@ -1,5 +1,7 @@
 """Adaptive input / adaptive softmax (``cutoffs``, ``div_val``, ``d_embed``, ``proj_share_all_but_first``)."""
 
+import gc
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -188,6 +190,7 @@ def test_ddp_without_unused_parameters(tmp_path):
     from torch.nn.parallel import DistributedDataParallel
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    ddp = None
     try:
         model = TxlForCausalLM(adaptive_config(cutoffs=[5, 20, 40], div_val=2, tie_word_embeddings=False))
         ddp = DistributedDataParallel(model, find_unused_parameters=False)
@@ -195,4 +198,8 @@ def test_ddp_without_unused_parameters(tmp_path):
         for _ in range(2):
             ddp(ids, labels=ids).loss.backward()
     finally:
+        # DDP's reducer holds the process group: freed after the group is destroyed, gloo's destructor could wait
+        # forever on its threads (seen once in a full run). Free it first.
+        del ddp
+        gc.collect()
         dist.destroy_process_group()
