@@ -31,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..cache_txl import TxlCache
+from .faults import check_free_space, directory_bytes, first_failure, write_error_message
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
@@ -201,8 +202,6 @@ def save_checkpoint(
     Before writing, the main process checks that the device has room for a checkpoint as large as the newest one.
     A write that fails on any process (a full disk included) removes the partial checkpoint and raises
     ``CheckpointWriteError`` with one line on every process; the earlier checkpoints are left as they were."""
-    from .faults import check_free_space, directory_bytes
-
     root = Path(output_dir) / CHECKPOINTS
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
@@ -244,8 +243,6 @@ def save_checkpoint(
 
 def _try_write(what: str, root: Path, write) -> str | None:
     """Run ``write()``; None, or the one-line message of its failure (OSError, torch's or safetensors' errors)."""
-    from .faults import write_error_message
-
     try:
         write()
     except (OSError, RuntimeError, SafetensorError) as error:
@@ -256,12 +253,7 @@ def _try_write(what: str, root: Path, write) -> str | None:
 def _raise_if_any(accelerator, failure: str | None, tmp: Path) -> None:
     """Every process learns whether any failed (a collective call); then the partial checkpoint is removed and
     ``CheckpointWriteError`` raised everywhere."""
-    failures = [failure]
-    if accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        failures = gather_object([failure])
-    first = next((f for f in failures if f), None)
+    first = first_failure(accelerator, failure)
     if first is None:
         return
     if accelerator.is_main_process:

@@ -168,6 +168,17 @@ def out_of_space(error: BaseException) -> bool:
     return any(s in text for s in ("No space left", "StorageFull", "Disk quota", "unexpected pos", "failed writing"))
 
 
+def first_failure(accelerator, failure: str | None) -> str | None:
+    """The first failure message of any process, on every process (a collective call when there are several):
+    so that all of them stop together, none left waiting at the next barrier."""
+    failures = [failure]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        failures = gather_object([failure])
+    return next((f for f in failures if f), None)
+
+
 def write_error_message(what: str, target: Path, error: BaseException, *, needed: int | None = None) -> str:
     """One line for a failed write of ``what`` (e.g. 'checkpoint step_00000040') under ``target``."""
     free = free_bytes(target)

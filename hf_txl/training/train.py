@@ -41,7 +41,15 @@ from .checkpointing import save_checkpoint as save_checkpoint_dir
 from .data import StreamBatcher, load_corpus, separates_documents, tokenize_to_array
 from .evaluation import evaluate_stream, headline
 from .export import export_model_dir
-from .faults import EXIT_PREEMPTED, OutputDirInUse, OutputDirLock, StopRequest, check_free_space, write_error_message
+from .faults import (
+    EXIT_PREEMPTED,
+    OutputDirInUse,
+    OutputDirLock,
+    StopRequest,
+    check_free_space,
+    first_failure,
+    write_error_message,
+)
 from .hub import HubPushError, push_model_dir
 from .progress import TrainingProgress, make_optimizer
 from .runtime import configure_cpu_threads, cpu_has_native_bf16, enable_fsdp_on_cpu, keep_freed_memory_in_process
@@ -398,17 +406,20 @@ def export(args, accelerator, model, tokenizer, metrics: dict, step: int) -> Non
     if accelerator.is_main_process:
         recorded = {**plain_args(args), "command": "accelerate launch scripts/train.py " + " ".join(sys.argv[1:])}
         results = {"step": step, "eval_mem_len": args.eval_mem_len, "eval_tgt_len": args.eval_tgt_len, **metrics}
-        weights = sum(p.numel() * p.element_size() for p in accelerator.unwrap_model(model).parameters())
+        unwrapped = accelerator.unwrap_model(model)
+        weights = sum(p.numel() * p.element_size() for p in unwrapped.parameters())
         failure = check_free_space("the model export", Path(args.output_dir), weights)
         try:
             if failure is None:
                 export_model_dir(
-                    args.output_dir, accelerator.unwrap_model(model), tokenizer, state_dict=state_dict,
+                    args.output_dir, unwrapped, tokenizer, state_dict=state_dict,
                     eval_results=results, training_args=recorded, repo_id=args.hub_model_id,
                 )  # fmt: skip
         except (OSError, RuntimeError, SafetensorError) as error:
             failure = write_error_message("the model export", Path(args.output_dir), error, needed=weights)
-    _raise_fault_on_every_process(accelerator, failure)
+    failure = first_failure(accelerator, failure)
+    if failure is not None:
+        raise TrainingFault(failure)
     if accelerator.is_main_process:
         accelerator.print(f"Model written to {args.output_dir} (model card: README.md)")
         if args.push_to_hub:
@@ -420,17 +431,6 @@ def export(args, accelerator, model, tokenizer, metrics: dict, step: int) -> Non
                 raise UsageError(f"{error} The trained model is saved in {args.output_dir}.") from error
             accelerator.print(f"Pushed to https://huggingface.co/{args.hub_model_id} ({url})")
     accelerator.wait_for_everyone()
-
-
-def _raise_fault_on_every_process(accelerator, failure: str | None) -> None:
-    failures = [failure]
-    if accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        failures = gather_object([failure])
-    first = next((f for f in failures if f), None)
-    if first is not None:
-        raise TrainingFault(first)
 
 
 def main(argv=None) -> None:
