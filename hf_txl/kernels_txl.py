@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import os
 import platform
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -111,7 +112,7 @@ def dropout_function(implementation: str | None):
 # ----------------------------------------------------------------------------------------------------
 
 FEW_ROWS = 128  # up to this many input rows (batch x tokens), CPU inference may take the split-weight product
-PLAIN_TENSOR_TYPES = (nn.Parameter, torch.Tensor)
+PLAIN_TENSOR_TYPES = (nn.Parameter, torch.Tensor)  # weights of these types are plain float tensors
 REDUCED_FLOATS = (torch.bfloat16, torch.float16)  # one row in these takes addmv (one_row_linear)
 CPU_PRODUCTS_VARIABLE = "HF_TXL_CPU_PRODUCTS"  # the override of the float32 few-row product form
 CPU_PRODUCT_FORMS = ("column", "row")
@@ -178,16 +179,16 @@ def cpu_product_form() -> str:
 
 def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)``; on the CPU without gradients, inputs of at most ``FEW_ROWS`` rows (a generation step) call
-    the product directly. float32: :func:`split_weight_linear` where this CPU takes the column form
-    (:func:`cpu_product_form`), else ``F.linear`` (which skips the module call). bf16 / fp16, one row:
-    :func:`one_row_linear`. Anything else (autocast, gradients, hooks, subclasses such as quantized or adapter
-    layers, other devices, mixed dtypes, tracing) calls the layer itself."""
+    a product kernel directly. float32: :func:`split_weight_linear` where this CPU takes the column form
+    (:func:`cpu_product_form`), else ``F.linear`` (which skips the module call). bf16, up to ``PACKED_ROWS`` rows: a
+    packed copy of the weight (:func:`packed_linear`); bf16 / fp16 otherwise, one row: :func:`one_row_linear`.
+    torchao int8 weight-only weights: :func:`int8_weight_linear`. Anything else (autocast, gradients, hooks, other
+    subclasses such as adapter layers or other quantized formats, other devices, mixed dtypes, tracing) calls the
+    layer itself."""
     weight = layer.weight
     if (
         x.numel() > FEW_ROWS * x.shape[-1]
         or type(layer) is not nn.Linear
-        or type(weight) not in PLAIN_TENSOR_TYPES  # e.g. a DTensor (FSDP)
-        or x.dtype != weight.dtype
         or x.device.type != "cpu"
         or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         or layer._forward_hooks
@@ -196,10 +197,19 @@ def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         or torch.compiler.is_compiling()
     ):
         return layer(x)
+    if type(weight) not in PLAIN_TENSOR_TYPES:  # e.g. a DTensor (FSDP), or a quantized weight
+        int8 = int8_weight_parts(layer) if x.dtype in INT8_ACTIVATION_DTYPES else None
+        return layer(x) if int8 is None else int8_weight_linear(x, *int8, layer.bias)
+    if x.dtype != weight.dtype:
+        return layer(x)
     if x.dtype == torch.float32:
         if cpu_product_form() == "column":
             return split_weight_linear(x, weight, layer.bias)
         return F.linear(x, weight, layer.bias)
+    if x.dtype == torch.bfloat16 and x.numel() <= PACKED_ROWS * x.shape[-1]:
+        packed = packed_weight(layer)
+        if packed is not None:
+            return packed_linear(x, packed, layer.bias)
     if x.dtype in REDUCED_FLOATS and x.numel() == x.shape[-1]:
         return one_row_linear(x, weight, layer.bias)
     return layer(x)
@@ -231,6 +241,146 @@ def split_weight_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     if rows != 1:
         out = out.view(out_features, rows).t().contiguous()  # [rows, out]
     return out.view(*x.shape[:-1], out_features)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Products of a few rows with bf16 and int8 weights
+# ----------------------------------------------------------------------------------------------------
+
+INT8_ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)  # inputs int8_weight_linear takes (computed in bf16)
+PACKED_ROWS = 4  # up to this many input rows, bf16 products take a packed copy of the weight (packed_linear)
+FP16_MAX = 65504.0  # the largest float16
+FAST_WEIGHT_ATTRIBUTE = "_txl_fast_weight"  # a Linear's prepared weight (_Prepared)
+PACKED_FORM: str | None = None  # "fbgemm", "onednn" or "" (none): chosen once per process (packed_form)
+
+
+def packed_form() -> str:
+    """How this torch packs bf16 weights for products of a few rows, probed once per process: ``"fbgemm"`` (FBGEMM's
+    float16-weight, float32-activation product: x86 builds), else ``"onednn"`` (oneDNN's bf16 product with its
+    blocked weight layout, where oneDNN has bf16), else ``""`` (neither)."""
+    global PACKED_FORM
+    if PACKED_FORM is None:
+        PACKED_FORM = ""
+        try:
+            with warnings.catch_warnings():  # torch warns (once) that these functions are deprecated
+                warnings.simplefilter("ignore")
+                packed = torch.fbgemm_pack_gemm_matrix_fp16(torch.ones(8, 8))
+                torch.fbgemm_linear_fp16_weight(torch.ones(1, 8), packed, torch.zeros(8))
+            PACKED_FORM = "fbgemm"
+        except (AttributeError, RuntimeError):  # a build without FBGEMM, or a torch that removed them
+            try:
+                if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                    PACKED_FORM = "onednn"
+            except (AttributeError, RuntimeError):
+                pass
+    return PACKED_FORM
+
+
+class _Prepared:
+    """A prepared weight kept on a module, with the key of the weight it came from. Not a parameter or buffer (never
+    saved, never moved); a copy of the module (``copy.deepcopy``) gets none and prepares its own."""
+
+    __slots__ = ("key", "value")
+
+    def __init__(self, key: tuple, value):
+        self.key, self.value = key, value
+
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        return type(None), ()
+
+
+def _prepared(layer: nn.Linear, source: torch.Tensor, prepare):
+    """``prepare()``, kept on ``layer`` until ``source`` changes: same storage, shape and in-place version (an
+    inference tensor, which keeps no version, cannot be changed in place outside inference mode)."""
+    key = (source.data_ptr(), source.shape, -1 if source.is_inference() else source._version)
+    kept = layer.__dict__.get(FAST_WEIGHT_ATTRIBUTE)
+    if kept is None or kept.key != key:
+        kept = _Prepared(key, prepare())
+        layer.__dict__[FAST_WEIGHT_ATTRIBUTE] = kept
+    return kept.value
+
+
+def packed_weight(layer: nn.Linear) -> tuple[str, torch.Tensor, torch.Tensor] | None:
+    """``(form, packed, zeros)``: ``layer.weight`` (bf16) packed for :func:`packed_linear` at the first call and kept
+    until the weight changes (``zeros``: a float32 bias for products without one), or None (no packed form here;
+    FBGEMM's and a weight beyond float16's range). The packed copy is as large as the weight: a bf16 model generating
+    on the CPU holds its projection weights twice."""
+    weight = layer.weight.detach()
+
+    def prepare():
+        form = packed_form()
+        if form == "fbgemm" and bool(weight.abs().amax() <= FP16_MAX):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                packed = torch.fbgemm_pack_gemm_matrix_fp16(weight.float())
+            return form, packed, weight.new_zeros(weight.shape[0], dtype=torch.float32)
+        if form == "onednn":
+            return form, torch.ops.mkldnn._reorder_linear_weight(weight, 1), None
+        return None
+
+    return _prepared(layer, weight, prepare)
+
+
+def packed_linear(x: torch.Tensor, packed: tuple, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` of a few bf16 rows with the weight packed by :func:`packed_weight`: products
+    accumulated in float32, the result rounded to bf16 once, as ``F.linear``.
+
+    * ``"fbgemm"``: FBGEMM's product of float32 inputs (``x`` exactly) with the weight as float16, which holds every
+      bf16 value of magnitude 2^-17 to 65504 exactly (the few smaller weights move by less than 3e-8). It reads the
+      weight at 25-30 GB/s on the AMD EPYC VM, where ``F.linear`` reads bf16 weights at 8-9 GB/s, ``addmv`` at 6 and
+      oneDNN's packed bf16 product at 15-17 (``bench/bench_gemv.py``, 1 row); from 4 rows oneDNN is as fast.
+    * ``"onednn"``: oneDNN's bf16 product with its blocked weight layout.
+    """
+    form, weight, zeros = packed
+    if form == "onednn":
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    rows = x.reshape(-1, x.shape[-1]).float()  # [rows, in]
+    out = torch.fbgemm_linear_fp16_weight(rows, weight, zeros if bias is None else bias.float())  # [rows, out]
+    return out.to(x.dtype).view(*x.shape[:-1], out.shape[-1])
+
+
+def int8_weight_parts(layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(q, scale)`` of a weight that torchao quantized to int8 weight-only, one scale per output row and no zero
+    point (``Int8WeightOnlyConfig()``, what ``TorchAoConfig`` gives ``from_pretrained``): ``W = q * scale[:, None]``,
+    q ``[out, in]`` int8, scale ``[out]`` in bf16 (the kernel's dtype). None for any other weight (torchao is not
+    imported: the weight is recognised by the attributes of its tensor subclass)."""
+    weight = layer.weight
+    if type(weight).__name__ != "Int8Tensor" or getattr(weight, "act_quant_kwargs", None) is not None:
+        return None
+    q, scale, zero = (getattr(weight, name, None) for name in ("qdata", "scale", "zero_point"))
+    if (
+        not isinstance(q, torch.Tensor)
+        or q.dtype != torch.int8
+        or q.dim() != 2
+        or list(getattr(weight, "block_size", ())) != [1, q.shape[1]]
+        or not isinstance(scale, torch.Tensor)
+        or scale.numel() != q.shape[0]
+    ):
+        return None
+
+    def prepare():
+        if zero is not None and bool(zero.any()):  # an asymmetric format: torchao computes it
+            return None
+        return q.contiguous(), scale.reshape(-1).to(torch.bfloat16)
+
+    return _prepared(layer, q, prepare)
+
+
+def int8_weight_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+    """``F.linear(x, q * scale[:, None], bias)`` for a few rows through torch's int8 weight-packed product
+    (``torch._weight_int8pack_mm``), whose CPU kernel is vectorised for bf16 inputs only: ``x`` is rounded to bf16,
+    the products accumulate in float32 and the result is rounded to bf16 once, then returned in ``x``'s dtype. It
+    reads the int8 weight at 12-14 GB/s on the AMD EPYC VM, where torchao's own path for a CPU ``Int8Tensor``
+    dequantizes the whole weight to float32 at every call, and the same kernel with float32 inputs reads 1-2 GB/s
+    (``bench/bench_speed.py``, precision section)."""
+    rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # [rows, in]
+    out = torch._weight_int8pack_mm(rows, q, scale).to(x.dtype)  # [rows, out]
+    if bias is not None:
+        out = out + bias
+    return out.view(*x.shape[:-1], q.shape[0])
 
 
 def align_cpu_parameters(model: nn.Module, alignment: int = 64) -> None:
@@ -291,6 +441,18 @@ def scaled_position_scores(query, position_head, v, scaling) -> torch.Tensor:
     return _ShiftedView.apply(torch.matmul(query + v[:, None, :], r_padded))  # [B, H, T, K]
 
 
+def inference_projection_dtype(hidden: torch.Tensor, projection_dtype: torch.dtype, implementation: str | None):
+    """The dtype in which the inference cache keeps the memory's projected keys, values and position term, given the
+    projections' own dtype: float32 for bf16 projections on the CPU with the ``"sdpa"`` implementation, else theirs.
+    torch's CPU kernels for one bf16 query (SDPA, bmm) read the cache at 3-4 GB/s on the AMD EPYC VM, float32's at
+    15-17 GB/s: a bf16 generation step spent more time in attention than in its bf16 products. The cached values are
+    the bf16 projections held exactly; :func:`sdpa_rel_attention` computes with float32 keys in float32 and returns
+    bf16 (a more exact attention than bf16's). The cache of a bf16 model then takes the memory of a float32 one."""
+    if projection_dtype == torch.bfloat16 and hidden.device.type == "cpu" and implementation == "sdpa":
+        return torch.float32
+    return projection_dtype
+
+
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``allowed`` (bool, any shape) as scores to add: 0 where allowed, ``finfo(dtype).min`` where hidden. After
     the addition a hidden score is ``finfo.min`` as ``masked_fill`` gives (float32 / bf16: scores are far below its
@@ -314,10 +476,16 @@ def sdpa_rel_attention(module, query, key, value, position_head, allowed, *, u, 
     """
     batch, n_head, qlen, d_head = query.shape
     klen = key.shape[2]
+    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or position_head.requires_grad)
+    if key.dtype != query.dtype:  # bf16 queries, float32 projections kept by the cache (inference_projection_dtype)
+        out, _ = sdpa_rel_attention(
+            module, query.to(key.dtype), key, value, position_head.to(key.dtype), allowed,
+            u=u.to(key.dtype), v=v.to(key.dtype), scaling=scaling, dropout=dropout,
+        )  # fmt: skip
+        return out.to(query.dtype), None
     position_scores = scaled_position_scores(query, position_head, v, scaling)  # BD * scale: [B, H, T, K]
     if allowed is not None:
         position_scores = position_scores + additive_mask(allowed, position_scores.dtype)[:, None]
-    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or position_head.requires_grad)
     if not needs_grad and dropout == 0.0:
         out = F.scaled_dot_product_attention(
             query + u[:, None, :], key, value, attn_mask=position_scores, scale=scaling

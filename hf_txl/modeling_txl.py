@@ -72,6 +72,7 @@ from .kernels_txl import (
     TxlAttentionInterface,
     align_cpu_parameters,
     dropout_function,
+    inference_projection_dtype,
     project,
     sdpa_rel_attention,
 )
@@ -278,14 +279,16 @@ class TxlRelAttention(nn.Module):
         klen = key.shape[2]
         if cache is not None:
             position_head = cache.position_head(
-                self.layer_idx, klen, lambda: self.split_position_heads(self.r_proj(position_embeddings))
-            )  # [H, K, D]
+                self.layer_idx, klen, lambda: self.split_position_heads(self.r_proj(position_embeddings)).to(key.dtype)
+            )  # [H, K, D], in the cache's dtype
         else:
             position_head = self.split_position_heads(self.r_proj(position_embeddings[-klen:]))  # [H, K, D]
         query = query.view(batch, qlen, self.n_head, self.d_head).transpose(1, 2)  # [B, H, T, D]
         if r_w_bias is None:  # this layer's own u, v (untie_r), read inside it, where FSDP has gathered them
             r_w_bias, r_r_bias = self.r_w_bias, self.r_r_bias
         implementation = "eager" if kwargs.get("output_attentions") else self.config._attn_implementation or "eager"
+        if key.dtype != query.dtype and implementation != "sdpa":  # a float32 cache (inference_projection_dtype)
+            key, value, position_head = key.to(query.dtype), value.to(query.dtype), position_head.to(query.dtype)
         attention = TXL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_rel_attention)
         out, probs = attention(
             self, query, key, value, position_head, allowed,
@@ -611,7 +614,8 @@ class TxlModel(TxlPreTrainedModel):
         cache_key = self._inference_cache_key(hidden) if use_cache else None  # projections kept during inference
         memory.begin_segment(
             qlen, key_is_real, mem_len=config.mem_len, cache_key=cache_key, like=hidden,
-            heads=(config.n_head, config.d_head), kv_dtype=self._projection_dtype(hidden),
+            heads=(config.n_head, config.d_head),
+            kv_dtype=inference_projection_dtype(hidden, self._projection_dtype(hidden), config._attn_implementation),
         )  # fmt: skip
         position_rows = memory.position_length(mlen + qlen)
         position_embeddings = None  # R [K', d]: not needed when every layer has its projection cached

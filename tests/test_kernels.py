@@ -182,7 +182,9 @@ def test_one_row_linear_equals_linear(dtype, shape, bias):
     torch.testing.assert_close(out, F.linear(*low), atol=tolerance / 10, rtol=tolerance / 10)  # F.linear's rounding
 
 
-def test_project_takes_addmv_only_for_one_row_of_bf16_or_fp16_inference(monkeypatch):
+def test_project_takes_addmv_only_for_one_row_of_bf16_or_fp16_inference_without_packed_weights(monkeypatch):
+    kernels.packed_form()
+    monkeypatch.setattr(kernels, "PACKED_FORM", "")  # a torch without FBGEMM or oneDNN bf16 (see test_low_precision)
     calls = []
     real = kernels.one_row_linear
     monkeypatch.setattr(kernels, "one_row_linear", lambda *args: calls.append(1) or real(*args))
@@ -209,6 +211,8 @@ def test_project_takes_addmv_only_for_one_row_of_bf16_or_fp16_inference(monkeypa
 
 
 def test_bf16_generation_with_one_row_products_equals_the_layers_products(monkeypatch):
+    kernels.packed_form()
+    monkeypatch.setattr(kernels, "PACKED_FORM", "")  # without packed weights (those: test_low_precision)
     model = TxlForCausalLM(tiny_config()).eval().to(torch.bfloat16)
     prompt = torch.randint(1, 40, (1, 9))
     calls, real = [], kernels.one_row_linear
