@@ -30,7 +30,7 @@ import torch
 from hf_txl.tokenization_txl import token_unit
 from hf_txl.training import evaluate_stream, headline, keep_freed_memory_in_process
 from hf_txl.training.data import load_corpus, separates_documents, tokenize_to_array
-from hf_txl.training.hub import is_local, load_model_and_tokenizer
+from hf_txl.training.hub import add_precision_arguments, is_local, load_model_and_tokenizer
 from hf_txl.training.model_card import EVALUATION_FILE, write_model_card
 
 #: The figure each token unit is judged by (bits per character/byte, or perplexity).
@@ -61,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer_name", help="Load the tokenizer from here (a model directory lacking one).")
     p.add_argument("--attn_implementation", choices=["sdpa", "eager", "flex_attention"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_precision_arguments(p)
     p.add_argument("--output_file", help="JSON results (default: MODEL_DIR/evaluation.json, or ./evaluation.json).")
     p.add_argument("--update_card", action="store_true", help="Re-render MODEL_DIR/README.md with these results.")
     args = p.parse_args(argv)
@@ -84,7 +85,7 @@ def main(argv=None) -> list[dict]:
     try:
         model, tokenizer = load_model_and_tokenizer(
             args.model, device=args.device, attn_implementation=args.attn_implementation,
-            tokenizer_name=args.tokenizer_name,
+            tokenizer_name=args.tokenizer_name, dtype=args.dtype, quantize=args.quantize,
         )  # fmt: skip
     except (OSError, ValueError) as error:
         fail(str(error))
@@ -116,7 +117,8 @@ def main(argv=None) -> list[dict]:
     report = {
         "model": str(args.model), "data": data_name, "split": args.split, "token_unit": unit,
         "headline_metric": HEADLINE_METRIC[unit], "batch_size": settings["batch_size"],
-        "device": str(args.device), "max_eval_steps": args.max_eval_steps, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "device": str(args.device), "dtype": args.dtype or "float32", "quantize": args.quantize,
+        "max_eval_steps": args.max_eval_steps, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": "python scripts/evaluate.py " + " ".join(sys.argv[1:] if argv is None else argv), "rows": rows,
     }  # fmt: skip
     output = Path(args.output_file) if args.output_file else default_output(args.model)

@@ -4,6 +4,7 @@
     python scripts/generate.py runs/txl-shakespeare --prompt "ROMEO:"
     python scripts/generate.py runs/txl-shakespeare --prompt "KING:" --max_new_tokens 500 --temperature 0.8 --top_k 40
     python scripts/generate.py runs/txl-shakespeare --prompt "To be" --greedy
+    python scripts/generate.py runs/txl-shakespeare --prompt "To be" --dtype bfloat16     # or --quantize int8
 
 Generation carries the Transformer-XL memory from step to step (one new token per forward pass). Characters of
 the prompt outside the model's vocabulary are mapped to the unknown token, with a warning.
@@ -19,7 +20,7 @@ import torch
 from transformers import TextStreamer, set_seed
 
 from hf_txl import UnknownCharacterWarning
-from hf_txl.training.hub import load_model_and_tokenizer
+from hf_txl.training.hub import add_precision_arguments, load_model_and_tokenizer
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,6 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no_stream", action="store_true", help="Print the text once, at the end.")
     p.add_argument("--tokenizer_name", help="Load the tokenizer from here (a model directory lacking one).")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_precision_arguments(p)
     args = p.parse_args(argv)
     if not args.prompt:
         fail("--prompt is empty: the model has no beginning-of-text token, give it at least one character.")
@@ -100,7 +102,9 @@ def encode_prompt(tokenizer, prompt: str):
 def main(argv=None) -> str:
     args = parse_args(argv)
     try:
-        model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, tokenizer_name=args.tokenizer_name)
+        model, tokenizer = load_model_and_tokenizer(
+            args.model, device=args.device, tokenizer_name=args.tokenizer_name, dtype=args.dtype, quantize=args.quantize
+        )
     except (OSError, ValueError) as error:
         fail(str(error))
     inputs = encode_prompt(tokenizer, args.prompt).to(args.device)

@@ -154,6 +154,24 @@ def test_documents_of_a_dataset_end_with_eos_as_in_training(tmp_path, model_dir,
     assert ids.tolist() == [i for row in rows for i in [*tokenizer.encode(row), tokenizer.eos_token_id]]
 
 
+def test_dtype_and_quantize_flags_evaluate_in_that_precision(tmp_path, model_dir, text_file, monkeypatch):
+    script = load_script("evaluate")
+    models, real = [], script.load_model_and_tokenizer
+    monkeypatch.setattr(script, "load_model_and_tokenizer", lambda *a, **k: models.append(real(*a, **k)) or models[-1])
+    common = [str(model_dir), "--validation_file", str(text_file), "--tgt_len", "16", "--batch_size", "4",
+              "--mem_len", "16", "--max_eval_steps", "5"]  # fmt: skip
+    fp32 = script.main([*common, "--output_file", str(tmp_path / "fp32.json")])[0]
+    bf16 = script.main([*common, "--dtype", "bfloat16", "--output_file", str(tmp_path / "bf16.json")])[0]
+    assert models[-1][0].dtype == torch.bfloat16
+    assert json.loads((tmp_path / "bf16.json").read_text())["dtype"] == "bfloat16"
+    assert bf16["loss"] == pytest.approx(fp32["loss"], rel=0.01) and bf16["loss"] != fp32["loss"]
+    pytest.importorskip("torchao.quantization", reason="int8 needs torchao (hf_txl[quantization])")
+    int8 = script.main([*common, "--quantize", "int8", "--output_file", str(tmp_path / "int8.json")])[0]
+    assert type(models[-1][0].transformer.layers[0].attn.qkv_proj.weight).__name__ == "Int8Tensor"
+    assert json.loads((tmp_path / "int8.json").read_text())["quantize"] == "int8"
+    assert int8["loss"] == pytest.approx(fp32["loss"], rel=0.01) and int8["loss"] != fp32["loss"]
+
+
 def test_bad_model_directories_name_the_problem_and_the_fix(tmp_path, model_dir):
     script = load_script("evaluate")
     with pytest.raises(SystemExit, match="no config.json"):

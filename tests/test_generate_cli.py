@@ -102,3 +102,35 @@ def test_pipeline_with_trust_remote_code_where_hf_txl_is_not_importable(tmp_path
     with torch.no_grad():
         expected = model.generate(**tokenizer("ROMEO:", return_tensors="pt"), max_new_tokens=8, do_sample=False)
     assert remote["text"] == tokenizer.decode(expected[0])
+
+
+def loaded_models(script, monkeypatch) -> list:
+    """Every model the script loads, recorded."""
+    models, real = [], script.load_model_and_tokenizer
+
+    def load(*args, **kwargs):
+        model, tokenizer = real(*args, **kwargs)
+        models.append(model)
+        return model, tokenizer
+
+    monkeypatch.setattr(script, "load_model_and_tokenizer", load)
+    return models
+
+
+def test_dtype_and_quantize_flags_load_bf16_and_int8_weights(model_dir, generate, monkeypatch):
+    models = loaded_models(generate, monkeypatch)
+    args = [str(model_dir), "--prompt", "ROMEO:", "--max_new_tokens", "6", "--greedy", "--no_stream"]
+    text = generate.main([*args, "--dtype", "bfloat16"])
+    assert text.startswith("ROMEO:") and models[-1].dtype == torch.bfloat16
+    pytest.importorskip("torchao.quantization", reason="int8 needs torchao (hf_txl[quantization])")
+    text = generate.main([*args, "--quantize", "int8"])
+    weight = models[-1].transformer.layers[0].ff.fc_in.weight
+    assert text.startswith("ROMEO:") and type(weight).__name__ == "Int8Tensor" and weight.qdata.dtype == torch.int8
+
+
+def test_quantize_without_torchao_names_the_extra(model_dir, generate, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)  # as if torchao were not installed
+    with pytest.raises(SystemExit, match=r"int8 quantization needs torchao.*pip install 'hf_txl\[quantization\]'"):
+        generate.main([str(model_dir), "--prompt", "a", "--quantize", "int8"])

@@ -47,18 +47,65 @@ def is_local(name_or_path: str | os.PathLike) -> bool:
     return Path(text).exists() or not _REPO_ID.match(text) or text.startswith((".", "~"))
 
 
+DTYPES = ("float32", "bfloat16", "float16")  # the weight dtypes the scripts' --dtype takes
+QUANTIZATIONS = ("int8",)  # what their --quantize takes: int8 weight-only through torchao
+
+
+def precision_kwargs(dtype: str | None = None, quantize: str | None = None) -> dict:
+    """``from_pretrained`` keyword arguments for weights in ``dtype`` (one of :data:`DTYPES`; None: as saved, float32
+    for hf_txl's models) and ``quantize`` (``"int8"``: int8 weight-only, per output row, through transformers'
+    ``TorchAoConfig``; needs torchao, the ``quantization`` extra). Raises ValueError naming the fix."""
+    import torch
+
+    kwargs = {}
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
+        kwargs["dtype"] = getattr(torch, dtype)
+    if quantize is not None:
+        if quantize not in QUANTIZATIONS:
+            raise ValueError(f"quantize {quantize!r} is not one of {', '.join(QUANTIZATIONS)}.")
+        try:
+            from torchao.quantization import Int8WeightOnlyConfig
+        except ImportError as error:
+            raise ValueError(
+                f"int8 quantization needs torchao, which is not installed ({error}); install it with "
+                "pip install 'hf_txl[quantization]' (or pip install torchao)."
+            ) from error
+        from transformers import TorchAoConfig
+
+        kwargs["quantization_config"] = TorchAoConfig(Int8WeightOnlyConfig())
+    return kwargs
+
+
+def add_precision_arguments(parser) -> None:
+    """``--dtype`` and ``--quantize`` of the inference scripts (see :func:`precision_kwargs`)."""
+    parser.add_argument(
+        "--dtype", choices=DTYPES,
+        help="Weights (and the memory) in this dtype (default: as saved, float32). bfloat16 halves the bytes a "
+        "generation step reads; on a CPU it is fast only with native bf16 (AVX512-BF16 or AMX).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--quantize", choices=QUANTIZATIONS,
+        help="int8: int8 weight-only quantization at load time through transformers' TorchAoConfig (a quarter of "
+        "float32's weight bytes; needs torchao: pip install 'hf_txl[quantization]').",
+    )  # fmt: skip
+
+
 def load_model_and_tokenizer(
     name_or_path: str | os.PathLike,
     *,
     device: str = "cpu",
     attn_implementation: str | None = None,
     tokenizer_name: str | None = None,
+    dtype: str | None = None,
+    quantize: str | None = None,
 ):
     """``(model, tokenizer)`` for inference (eval mode) from a local model directory or a Hub repository id.
 
     A local directory is checked first (:func:`check_model_dir`) so that a wrong path fails with the reason,
     not with a Hub lookup error. ``tokenizer_name`` loads the tokenizer from elsewhere (a model directory whose
-    tokenizer is missing).
+    tokenizer is missing). ``dtype`` / ``quantize``: see :func:`precision_kwargs`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -66,6 +113,7 @@ def load_model_and_tokenizer(
 
     text = os.fspath(name_or_path)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    kwargs.update(precision_kwargs(dtype, quantize))
     if is_local(text):
         if tokenizer_name is None:
             check_model_dir(text)
