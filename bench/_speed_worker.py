@@ -628,11 +628,153 @@ def bare_step(args):
     return result
 
 
+# --- section "precision": float32, bf16 and int8 weights of one model, hf_txl only -----------------------------
+
+PRECISIONS = {}  # "fp32", "bf16", "int8": the model of precision_load in each precision
+
+
+def precision_build(args):
+    """(txl) A random hf_txl model of ``config`` saved to ``dir`` (the precision rows' model)."""
+    from hf_txl import TxlConfig, TxlForCausalLM
+
+    torch.manual_seed(args["seed"])
+    TxlForCausalLM(TxlConfig(**args["config"])).save_pretrained(args["dir"])
+    return {}
+
+
+def precision_load(args):
+    """(txl) The model of ``dir`` as a user loads it in three precisions: float32, ``dtype=torch.bfloat16`` and int8
+    weight-only (``TorchAoConfig(Int8WeightOnlyConfig())``), through ``AutoModelForCausalLM.from_pretrained``."""
+    from transformers import AutoModelForCausalLM
+
+    import hf_txl  # noqa: F401
+    from hf_txl.training.hub import precision_kwargs
+
+    PRECISIONS.clear()
+    gc.collect()
+    kinds = {"fp32": {}, "bf16": precision_kwargs("bfloat16"), "int8": precision_kwargs(quantize="int8")}
+    for name, kwargs in kinds.items():
+        PRECISIONS[name] = AutoModelForCausalLM.from_pretrained(args["dir"], **kwargs).eval()
+    return {"weight_types": {name: type(m.transformer.layers[0].ff.fc_in.weight).__name__ for name, m in
+                             PRECISIONS.items()}}  # fmt: skip
+
+
+@contextlib.contextmanager
+def kernels_before_low_precision(before: bool):
+    """With ``before``: hf_txl's paths for bf16 and int8 weights as they were before its low-precision kernels (one
+    bf16 row through ``addmv``, a bf16 projection cache read by bf16 SDPA, int8 weights through torchao's own
+    dispatch), to show both in one run."""
+    import hf_txl.kernels_txl as kernels
+    import hf_txl.modeling_txl as modeling
+
+    kernels.packed_form()
+    saved = kernels.PACKED_FORM, kernels.int8_weight_parts, modeling.inference_projection_dtype
+    if before:
+        kernels.PACKED_FORM = ""
+        kernels.int8_weight_parts = lambda layer: None
+        modeling.inference_projection_dtype = lambda hidden, dtype, implementation: dtype
+    try:
+        yield
+    finally:
+        kernels.PACKED_FORM, kernels.int8_weight_parts, modeling.inference_projection_dtype = saved
+
+
+def precision_generate(args):
+    """(txl) ``generate()`` of ``new_tokens`` greedy tokens after a random prompt with the ``precision`` model (its
+    memory ``mem_len``); the time of a step is taken between the first and the last new token (a streamer's clock:
+    the prompt's forward pass is not in it)."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.stamps = []
+
+        def put(self, value):
+            self.stamps.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    model = PRECISIONS[args["precision"]]
+    model.config.mem_len = args["mem_len"]
+    gen = torch.Generator().manual_seed(2)
+    prompt = torch.randint(1, model.config.vocab_size, (1, args["prompt_len"]), generator=gen)
+    n = args["new_tokens"]
+    kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    with kernels_before_low_precision(args["before"]), torch.inference_mode():
+        model.generate(prompt, **dict(kwargs, max_new_tokens=3, min_new_tokens=3))  # warm-up (packing), not timed
+        clock = Clock()
+        with PeakMemory() as mem:
+            out = model.generate(prompt, streamer=clock, **kwargs)
+        step_bytes = precision_step_bytes(model, args["mem_len"])
+    assert out.shape[1] == args["prompt_len"] + n and len(clock.stamps) == n + 1, (out.shape, len(clock.stamps))
+    step = (clock.stamps[-1] - clock.stamps[1]) / (n - 1)  # stamps[0]: the prompt; [1]: the first new token
+    return {"times": [step], "peak_mib": mem.mib, "step_bytes": step_bytes}
+
+
+def tensor_bytes(tensor) -> int:
+    """Bytes a product reads from a weight: an int8 weight-only tensor (torchao) its int8 values and scales."""
+    if hasattr(tensor, "qdata") and hasattr(tensor, "scale"):
+        return tensor.qdata.numel() * tensor.qdata.element_size() + tensor.scale.numel() * tensor.scale.element_size()
+    return tensor.numel() * tensor.element_size()
+
+
+def precision_step_bytes(model, mem_len) -> dict:
+    """The bytes a batch-1 step must read: every weight once (not ``r_proj``, whose product the cache keeps) and per
+    layer the cached keys/values and position term of ``mem_len + 1`` positions, at the dtype the cache keeps."""
+    params = {id(p): p for p in model.parameters()}
+    weights = sum(tensor_bytes(p) for p in params.values())
+    weights -= sum(tensor_bytes(layer.attn.r_proj.weight) for layer in model.transformer.layers)
+    probe = torch.zeros(1, 2, dtype=torch.long)
+    with torch.inference_mode():
+        cache = model(probe, use_cache=True).cache
+    kv_dtype = cache.layers[0].kv.dtype
+    c = model.config
+    per_layer = 3 * c.n_head * c.d_head * (mem_len + 1)  # keys, values, position term
+    cache_bytes = c.n_layer * per_layer * torch.empty((), dtype=kv_dtype).element_size()
+    return {"weight_bytes": weights, "cache_bytes": cache_bytes, "cache_dtype": str(kv_dtype).replace("torch.", ""),
+            "total_bytes": weights + cache_bytes}  # fmt: skip
+
+
+def precision_quality(args):
+    """(txl) The cost of bf16 and int8 on a trained model (``dir``, with its tokenizer): the log-probability of every
+    next token of the bundled corpus's validation split, carried through segments of ``tgt_len`` with the memory
+    (``batch`` streams), in each precision; the validation loss of each and the mean |log p - log p(fp32)|."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import hf_txl  # noqa: F401
+    from hf_txl.training.data import load_corpus, tokenize_to_array
+    from hf_txl.training.hub import precision_kwargs
+
+    tokenizer = AutoTokenizer.from_pretrained(args["dir"])
+    ids = torch.as_tensor(tokenize_to_array(load_corpus()["validation"], tokenizer)).long()
+    batch, tgt_len = args["batch"], args["tgt_len"]
+    streams = ids[: len(ids) // batch * batch].view(batch, -1)
+    log_p = {}
+    for name, kwargs in {"fp32": {}, "bf16": precision_kwargs("bfloat16"),
+                         "int8": precision_kwargs(quantize="int8")}.items():  # fmt: skip
+        model = AutoModelForCausalLM.from_pretrained(args["dir"], **kwargs).eval()
+        cache, pieces = None, []
+        with torch.inference_mode():
+            for start in range(0, streams.shape[1] - 1, tgt_len):
+                targets = streams[:, start + 1 : start + tgt_len + 1]
+                out = model(streams[:, start : start + targets.shape[1]], cache=cache, use_cache=True)
+                cache = out.cache
+                pieces.append(torch.log_softmax(out.logits.float(), -1).gather(-1, targets[..., None])[..., 0])
+        log_p[name] = torch.cat(pieces, 1).double()
+    fp32 = log_p["fp32"]
+    return {name: {"loss": -lp.mean().item(), "mean_abs_logp_diff": (lp - fp32).abs().mean().item(),
+                   "max_abs_logp_diff": (lp - fp32).abs().max().item(), "tokens": lp.numel(),
+                   "mem_len": AutoModelForCausalLM.from_pretrained(args["dir"]).config.mem_len}
+            for name, lp in log_p.items()}  # fmt: skip
+
+
 COMMANDS = dict(build=build, load=load, compile=compile_model, logprobs=logprobs, train=train, evaluate=evaluate,
                 generate=generate, recompute=recompute, table9=table9, gemm=gemm,
                 weight_stream=weight_stream, bare_step=bare_step, bandwidth=bandwidth, step_bytes=step_bytes,
                 to_dtype=to_dtype, generate_batch=generate_batch, generate_alone=generate_alone,
-                train_gemms=train_gemms)  # fmt: skip
+                train_gemms=train_gemms, precision_build=precision_build, precision_load=precision_load,
+                precision_generate=precision_generate, precision_quality=precision_quality)  # fmt: skip
 
 
 def keep_freed_memory():

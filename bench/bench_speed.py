@@ -230,7 +230,11 @@ def train_flops(c: dict) -> float:
     return L * (3 * both + 2 * weight_only) + 3 * head
 
 
-SECTIONS = ("train", "curve", "generate", "batched", "table9", "long")
+SECTIONS = ("train", "curve", "generate", "batched", "table9", "long", "precision")
+PRECISION_CONFIG = dict(vocab_size=204, d_model=512, n_layer=8, n_head=8, d_head=64, d_inner=2048, mem_len=512,
+                        dropout=0.0)  # fmt: skip  # the precision rows' model (8 layers, d_model 512, memory 512)
+PRECISION_GOALS = {"bf16": 0.7, "int8": 0.6}  # time per token against float32's that the precision rows aim at
+QUALITY_MODEL = ROOT / "runs" / "txl-shakespeare"  # the quickstart's model: the precision rows' quality figures
 NAN = float("nan")
 
 
@@ -256,6 +260,12 @@ def main(argv=None):
         help="Leave glibc's allocator as it is in both workers (by default both keep freed memory, as the scripts "
         "do: hf_txl.training.keep_freed_memory_in_process).",
     )
+    p.add_argument(
+        "--quality-model",
+        default=str(QUALITY_MODEL),
+        help="A trained model directory for the precision rows' quality figures (default: the quickstart's "
+        "runs/txl-shakespeare; skipped when missing).",
+    )
     p.add_argument("--max-wait", type=float, default=1800, help="Seconds to wait for a quiet machine per timing.")
     p.add_argument(
         "--max-other-cores",
@@ -275,11 +285,13 @@ def main(argv=None):
     reps = args.reps or (2 if quick else 5)
     gen_reps = 1 if quick else max(1, reps // 2)
     steps = dict(warmup=1, steps=2) if quick else dict(warmup=2, steps=5)
-    ref_python = ensure_ref_python(args.ref_python)
+    needs_ref = bool(sections - {"precision"})  # the precision rows compare hf_txl with itself
+    ref_python = ensure_ref_python(args.ref_python) if needs_ref else None
     RESULTS.mkdir(parents=True, exist_ok=True)
 
     keep = not args.default_allocator
-    workers = {"ref": Worker("ref", ref_python, keep), "txl": Worker("txl", sys.executable, keep)}
+    workers = {"ref": Worker("ref", ref_python, keep)} if needs_ref else {}
+    workers["txl"] = Worker("txl", sys.executable, keep)
     global GUARD
     GUARD = QuietGuard(workers, limit=float("inf") if quick else args.max_other_cores, max_wait=args.max_wait)
     GUARD.wait()
@@ -316,6 +328,12 @@ def main(argv=None):
     print(f"memory bandwidth, copy of a {bw['mib']} MiB tensor (read + write bytes): best {bw['best'] / 1e9:.1f} "
           f"GB/s, median {bw['median'] / 1e9:.1f} GB/s; read-only stream (sum) best {bw['read_best'] / 1e9:.1f} "
           f"GB/s", flush=True)  # fmt: skip
+
+    if "precision" in sections:
+        precision_rows(workers["txl"], results, rows, reps, quick, cpu, bw, Path(args.quality_model))
+    if not needs_ref:
+        finish(args, workers, results, rows, peak, started)
+        return
 
     for name, c in configs.items():  # models, sanity check, training and evaluation rows
         model_dir = RESULTS / "models" / name
@@ -412,6 +430,70 @@ def main(argv=None):
         long_eval_row(workers, results, row, gen_name, gen_dir, ref_python, keep, reps, quick)
 
     finish(args, workers, results, rows, peak, started)
+
+
+def precision_rows(worker, results, rows, reps, quick, cpu, bw, quality_model: Path):
+    """Greedy batch-1 generation of one model (``PRECISION_CONFIG``) in float32, bf16 (``dtype=torch.bfloat16``) and
+    int8 weight-only (``TorchAoConfig``), as a user loads them, alternated ``reps`` times in one process: ms/token,
+    the time against float32 (median of each round's ratio: the VM's speed drifts between rounds), the same with
+    hf_txl's paths before its low-precision kernels, and each step against the bytes it must read / the bandwidth.
+    Then the quality of bf16 and int8 on the quickstart's trained model (when present)."""
+    model_dir = RESULTS / "models" / "precision"
+    if not (model_dir / "model.safetensors").exists():
+        worker("precision_build", config=PRECISION_CONFIG, seed=1234, dir=str(model_dir))
+    loaded = worker("precision_load", dir=str(model_dir))
+    prompt_len, new_tokens = (64, 16) if quick else (512, 128)
+    g = dict(prompt_len=prompt_len, new_tokens=new_tokens, mem_len=prompt_len)
+    variants = [("fp32", False), ("bf16", False), ("bf16", True), ("int8", False), ("int8", True)]
+    if not cpu["native_bf16"]:
+        variants = [v for v in variants if v[0] != "bf16"]
+    times = {v: [] for v in variants}
+    replies = {}
+    for rep in range(reps):
+        for v in variants if rep % 2 == 0 else variants[::-1]:
+            replies[v] = GUARD.call(worker, "precision_generate", precision=v[0], before=v[1], **g)
+            times[v].append(replies[v]["times"][0])
+    fp32 = times[("fp32", False)]
+    ms = {v: 1000 * statistics.median(t) for v, t in times.items()}
+    ratio = {v: statistics.median(a / b for a, b in zip(t, fp32)) for v, t in times.items()}
+    floor = {v: 1000 * replies[v]["step_bytes"]["total_bytes"] / bw["best"] for v in variants}
+    runs = {
+        f"{p}{' before' if b else ''}": dict(ms_per_token=ms[(p, b)], time_vs_fp32=ratio[(p, b)], runs=times[(p, b)],
+                                             step_bytes=replies[(p, b)]["step_bytes"], floor_ms=floor[(p, b)])
+        for p, b in variants
+    }  # fmt: skip
+    results["precision"] = dict(config=PRECISION_CONFIG, settings=g, weight_types=loaded["weight_types"], runs=runs)
+    label = f"{PRECISION_CONFIG['n_layer']} layers, d_model {PRECISION_CONFIG['d_model']}, memory {prompt_len}"
+    for v in variants:
+        precision, before = v
+        sb = replies[v]["step_bytes"]
+        name = (f"generate ({label}), {precision}{' before the low-precision kernels' if before else ''}, "
+                f"{new_tokens} after {prompt_len} (ms/token)")  # fmt: skip
+        goal = PRECISION_GOALS.get(precision)
+        note = (f"time / float32's: {ratio[v]:.2f} (median of {reps} alternated rounds)"
+                + (f", goal <= {goal}" if goal and not before else "")
+                + f"; the step is {ms[v] / floor[v]:.2f}x its floor ({sb['total_bytes'] / 2**20:.1f} MiB: weights "
+                f"{sb['weight_bytes'] / 2**20:.1f} + cache {sb['cache_bytes'] / 2**20:.1f} in {sb['cache_dtype']}, "
+                f"at {bw['best'] / 1e9:.1f} GB/s = {floor[v]:.2f} ms)")  # fmt: skip
+        rows.append((name, ms[("fp32", False)], ms[v], "ms/tok", 1 / ratio[v], NAN, replies[v]["peak_mib"], note))
+        print(f"  {name}: {ms[v]:.2f} ({note})", flush=True)
+    if not cpu["native_bf16"]:
+        rows.append(("generate, bf16", NAN, NAN, "ms/tok", NAN, NAN, NAN, "skipped: bf16 emulated on this CPU"))
+    if not (quality_model / "model.safetensors").is_file():
+        print(f"  quality of bf16 / int8: skipped ({quality_model} has no model; run scripts/quickstart.sh)")
+        results["precision_quality"] = f"skipped: no model in {quality_model}"
+        return
+    quality = worker("precision_quality", dir=str(quality_model), batch=8, tgt_len=64)
+    results["precision_quality"] = dict(quality, model=str(quality_model))
+    base = quality["fp32"]["loss"]
+    for precision in ("bf16", "int8"):
+        q = quality[precision]
+        note = (f"ref column: float32's; mean |log p - log p(fp32)| {q['mean_abs_logp_diff']:.4f} nats (largest "
+                f"{q['max_abs_logp_diff']:.3f}) over {q['tokens']:,} validation tokens, memory {q['mem_len']}; "
+                f"loss {100 * (q['loss'] / base - 1):+.2f} % (goal: 0.05 nats and 1 %)")  # fmt: skip
+        rows.append((f"validation loss of {quality_model.name}, {precision} (nats/token)", base, q["loss"], "nats",
+                     base / q["loss"], NAN, NAN, note))  # fmt: skip
+        print(f"  quality {precision}: loss {q['loss']:.4f} vs {base:.4f}; {note}", flush=True)
 
 
 def bf16_loss_curve(workers, results, quick):

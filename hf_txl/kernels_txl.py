@@ -377,9 +377,8 @@ def int8_weight_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bi
     dequantizes the whole weight to float32 at every call, and the same kernel with float32 inputs reads 1-2 GB/s
     (``bench/bench_speed.py``, precision section)."""
     rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # [rows, in]
-    out = torch._weight_int8pack_mm(rows, q, scale).to(x.dtype)  # [rows, out]
-    if bias is not None:
-        out = out + bias
+    out = torch._weight_int8pack_mm(rows, q, scale)  # [rows, out], bf16
+    out = out.to(x.dtype) if bias is None else torch.add(bias, out)  # the bias in x's dtype (promotes bf16 to it)
     return out.view(*x.shape[:-1], q.shape[0])
 
 
