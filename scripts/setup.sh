@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs hf_txl (editable) with its dev tools (pytest, ruff, transformers-mlinter,
-# lm_eval, peft, torchao).
+# Creates .venv (if missing) and installs hf_txl (editable) with its dev tools (pytest, pytest-xdist, ruff,
+# transformers-mlinter, lm_eval, peft, torchao).
 # torch is installed first, and only when .venv has none: TORCH_SPEC (default torch==2.13.0) from pip's configured
 # index. On Linux, PyPI's torch is the CUDA build (several GB); for the CPU build, or a given CUDA build, put torch
 # into .venv before running this script, which keeps it:

@@ -44,6 +44,13 @@ def eager_and_fast(implementation: str, **overrides):
     return eager, fast
 
 
+def worker_port(base: int) -> int:
+    """A TCP port for a launched multi-process run: ``base`` offset by the pytest-xdist worker (gw0, gw1, ...), so that
+    tests running side by side (``pytest -n 2``) never share one."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return base + 1000 * int(worker[2:] or 0)
+
+
 def left_padding(batch: int, length: int, pad: int) -> torch.Tensor:
     """An attention mask [batch, length] of ones, with the first ``pad`` positions of row 0 padding."""
     mask = torch.ones(batch, length, dtype=torch.long)

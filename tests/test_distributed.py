@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import worker_port
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +45,8 @@ def launch(launcher_args, output_dir, *train_args, port: int, check: bool = True
         "ACCELERATE_USE_CPU": "true",
     }  # fmt: skip
     command = [
-        *LAUNCH, *launcher_args, "--num_machines", "1", "--dynamo_backend", "no", "--main_process_port", str(port),
+        *LAUNCH, *launcher_args, "--num_machines", "1", "--dynamo_backend", "no",
+        "--main_process_port", str(worker_port(port)),
         str(ROOT / "scripts" / "train.py"), *TRAIN, "--output_dir", str(output_dir), *train_args,
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)

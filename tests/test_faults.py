@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import worker_port
 from test_train import ROOT, losses
 
 pytestmark = pytest.mark.slow
@@ -24,7 +25,7 @@ ENV = {
     "ACCELERATE_USE_CPU": "true",
 }  # fmt: skip
 TRAIN = [sys.executable, str(ROOT / "scripts" / "train.py")]
-_PORTS = iter(range(29710, 29790))
+_PORTS = iter(range(worker_port(29710), worker_port(29790)))
 
 
 def launch(processes: int) -> list[str]:

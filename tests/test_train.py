@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import worker_port
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +112,7 @@ def test_two_processes_follow_the_single_process_loss_trajectory(tmp_path):
         "--dynamo_backend",
         "no",
         "--main_process_port",
-        "29533",
+        str(worker_port(29533)),
     ]
     run_train(
         [*common, "--per_device_train_batch_size", "2", "--output_dir", str(double)],

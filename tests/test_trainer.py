@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.data_loader import BatchSamplerShard
-from conftest import tiny_config
+from conftest import tiny_config, worker_port
 from safetensors.torch import load_file
 from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 from transformers import Trainer, TrainingArguments, default_data_collator
@@ -30,7 +30,7 @@ ENV = {
     **os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
     "ACCELERATE_USE_CPU": "true",
 }  # fmt: skip
-_PORTS = iter(range(29610, 29700))
+_PORTS = iter(range(worker_port(29610), worker_port(29700)))
 
 
 def two_processes() -> list[str]:
