@@ -15,8 +15,9 @@
 
 Every function here computes what a line of the reference computes (``F.dropout``, ``F.linear``,
 ``eager_rel_attention``) with fewer passes over memory, or with a CPU kernel that streams the weights faster. Each
-exists for a measured reason (``bench/``: ``bench_kernels.py``, ``bench_gemv.py``), and is tested against the
-reference (``tests/test_kernels.py``, ``tests/test_speed_paths.py``, ``tests/test_flex_attention.py``):
+exists for a measured reason (``bench/``: ``bench_kernels.py``, ``bench_gemv.py``, ``bench_speed.py``), and is tested
+against the reference (``tests/test_kernels.py``, ``tests/test_speed_paths.py``, ``tests/test_flex_attention.py``,
+``tests/test_low_precision.py``):
 
 * **Dropout** (:func:`fast_dropout`): the keep mask from 16-bit pieces of 64-bit random words, applied through a
   uint8 mask and one ``addcmul``. On the CPU ``F.dropout`` draws one Bernoulli sample per element, and torch's bool
@@ -27,8 +28,13 @@ reference (``tests/test_kernels.py``, ``tests/test_speed_paths.py``, ``tests/tes
   weight's rows (:func:`split_weight_linear`) reads them at close to it (3.2x one row, 2 threads); on Intel Xeon
   ``F.linear`` is the faster one (the split product 2.5x slower). The form is chosen once per process from what the
   CPU is (its vendor in ``/proc/cpuinfo``), or by ``HF_TXL_CPU_PRODUCTS=column|row`` (:func:`cpu_product_form`);
-  no timing decides it, so a model's outputs do not depend on the machine's load. One bf16 / fp16 row takes
-  ``addmv`` (:func:`one_row_linear`: 1.4x ``F.linear``'s weight read rate on the Intel AMX VM, same results).
+  no timing decides it, so a model's outputs do not depend on the machine's load.
+* **bf16 and int8 weights** in those products: up to ``PACKED_ROWS`` bf16 rows take a packed copy of the weight
+  (:func:`packed_linear`: FBGEMM's float16-weight product, else oneDNN's packed bf16; 3x and 2x ``F.linear``'s read
+  rate on AMD EPYC), one fp16 row (or bf16 without a packed form) ``addmv`` (:func:`one_row_linear`); weights that
+  torchao quantized to int8 weight-only take torch's int8 weight-packed product with bf16 inputs
+  (:func:`int8_weight_linear`), where torchao's CPU path dequantizes the whole weight at every call. A bf16 model's
+  inference cache keeps its projections in float32 on the CPU (:func:`inference_projection_dtype`).
 * **Attention** with the signature of ``eager_rel_attention`` (registry :class:`TxlAttentionInterface`, chosen by
   ``config._attn_implementation``): :func:`sdpa_rel_attention` (the default: the position term as SDPA's additive
   mask, no shift copy, the mask added once) and :func:`flex_rel_attention` (``torch.nn.attention.flex_attention``).
@@ -113,7 +119,7 @@ def dropout_function(implementation: str | None):
 
 FEW_ROWS = 128  # up to this many input rows (batch x tokens), CPU inference may take the split-weight product
 PLAIN_TENSOR_TYPES = (nn.Parameter, torch.Tensor)  # weights of these types are plain float tensors
-REDUCED_FLOATS = (torch.bfloat16, torch.float16)  # one row in these takes addmv (one_row_linear)
+REDUCED_FLOATS = (torch.bfloat16, torch.float16)  # one row in these takes addmv without a packed form (one_row_linear)
 CPU_PRODUCTS_VARIABLE = "HF_TXL_CPU_PRODUCTS"  # the override of the float32 few-row product form
 CPU_PRODUCT_FORMS = ("column", "row")
 CPU_PRODUCT_FORM: str | None = None  # chosen at the first few-row product of the process (cpu_product_form)
@@ -470,6 +476,8 @@ def sdpa_rel_attention(module, query, key, value, position_head, allowed, *, u, 
     * Without gradients BD is the additive ``attn_mask`` of ``F.scaled_dot_product_attention`` (fused kernels). With
       them (SDPA cannot return a gradient for its mask) one in-place ``baddbmm_`` adds AC into BD, and dropout is
       :func:`fast_dropout`.
+    * Keys in float32 with bf16 queries (the CPU inference cache of a bf16 model, :func:`inference_projection_dtype`):
+      computed in float32, returned in the queries' dtype.
 
     Same arguments and shapes as ``eager_rel_attention``; returns the output and None.
     """
