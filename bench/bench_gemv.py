@@ -15,7 +15,10 @@
 * the copy rate of a 512 MiB tensor (read + write) and the read-only rate (a sum), for comparison.
 
 Then, with all threads, ``F.linear`` against ``split_weight_linear`` for 1 to 512 input rows over the mid config's
-weight shapes (where hf_txl's ``FEW_ROWS`` cut-off comes from).
+weight shapes (where hf_txl's ``FEW_ROWS`` cut-off comes from); and the same weights in bf16 and int8 for 1 to 8 rows:
+``F.linear`` and ``addmv`` in bf16, the packed forms of ``packed_linear`` (FBGEMM's float16-weight product, oneDNN's
+packed bf16: where ``PACKED_ROWS`` comes from), torch's int8 weight-packed product with float32 and with bf16 inputs
+(``int8_weight_linear``), and the dequantize-then-multiply that torchao's CPU path does.
 """
 
 from __future__ import annotations
@@ -28,7 +31,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hf_txl.kernels_txl import one_row_linear, split_weight_linear  # noqa: E402
+import hf_txl.kernels_txl as kernels  # noqa: E402
+from hf_txl.kernels_txl import (  # noqa: E402
+    int8_weight_linear,
+    one_row_linear,
+    packed_linear,
+    packed_weight,
+    split_weight_linear,
+)
 from hf_txl.training import keep_freed_memory_in_process  # noqa: E402
 
 
@@ -86,6 +96,64 @@ def main() -> None:
         split = best_seconds(lambda x=inputs: [split_weight_linear(x[w.shape[1]], w, b) for w, b in zip(mid, biases)],
                              inner=3)  # fmt: skip
         print(f"{rows} | {linear * 1e3:.2f} ms | {split * 1e3:.2f} ms | {linear / split:.2f}x")
+    low_precision(mid, biases)
+
+
+@torch.no_grad()  # inference, as hf_txl takes these forms (with gradients they are not taken)
+def low_precision(mid, biases) -> None:
+    """The mid config's weights in bf16 and in int8 (per-row scales, as torchao's Int8WeightOnlyConfig): weight bytes
+    per second of each product form for 1 to 8 rows, counted at the weight's own size (2 or 1 bytes a weight)."""
+    layers = []
+    for w, b in zip(mid, biases):
+        layer = torch.nn.Linear(w.shape[1], w.shape[0]).bfloat16()
+        layer.weight.data, layer.bias.data = w.bfloat16(), b.bfloat16()
+        layers.append(layer)
+    bf16_bytes = sum(w.numel() for w in mid) * 2
+    int8_bytes = bf16_bytes // 2
+    int8 = []
+    for w in mid:
+        scale = w.abs().amax(1) / 127
+        int8.append((torch.round(w / scale[:, None]).to(torch.int8), scale.bfloat16(), scale))
+    chosen = kernels.packed_form()
+    packs = {}
+    for name in ("fbgemm", "onednn") if chosen == "fbgemm" else ("onednn",):
+        kernels.PACKED_FORM = name
+        packs[name] = [packed_weight(layer) for layer in layers]
+        for layer in layers:
+            layer.__dict__.pop(kernels.FAST_WEIGHT_ATTRIBUTE, None)
+    kernels.PACKED_FORM = chosen
+    print(
+        f"\nbf16 and int8 weights, {torch.get_num_threads()} threads, weight bytes / s (the packed form hf_txl "
+        f"takes here: {chosen or 'none'})"
+    )
+    print(
+        "rows | F.linear bf16 | addmv bf16 | packed fbgemm (fp16 weights) | packed oneDNN bf16 | int8pack, fp32 "
+        "inputs | int8pack, bf16 inputs (int8_weight_linear) | dequantize + F.linear (torchao's CPU path)"
+    )
+
+    def rate(fn, nbytes, inner=3):
+        return f"{nbytes / best_seconds(fn, inner=inner) / 1e9:.1f} GB/s"
+
+    def row(rows: int) -> list[str]:
+        x = {n: torch.randn(rows, n).bfloat16() for n in (512, 2048)}
+        x32 = {n: v.float() for n, v in x.items()}
+        cells = [str(rows), rate(lambda: [F.linear(x[m.in_features], m.weight, m.bias) for m in layers], bf16_bytes)]
+        cells.append(rate(lambda: [one_row_linear(x[m.in_features], m.weight, m.bias) for m in layers], bf16_bytes)
+                     if rows == 1 else "(one row only)")  # fmt: skip
+        for name in ("fbgemm", "onednn"):
+            weights = packs.get(name)
+            cells.append("n/a" if weights is None else rate(
+                lambda w=weights: [packed_linear(x[m.in_features], p, m.bias) for m, p in zip(layers, w)], bf16_bytes
+            ))  # fmt: skip
+        cells.append(rate(lambda: [torch._weight_int8pack_mm(x32[q.shape[1]], q, s) for q, _, s in int8], int8_bytes,
+                          inner=1))  # fmt: skip
+        cells.append(rate(lambda: [int8_weight_linear(x32[q.shape[1]], q, s, None) for q, s, _ in int8], int8_bytes))
+        cells.append(rate(lambda: [F.linear(x32[q.shape[1]], q.float() * s[:, None]) for q, _, s in int8], int8_bytes,
+                          inner=1))  # fmt: skip
+        return cells
+
+    for rows in (1, 2, 4, 8):
+        print(" | ".join(row(rows)))
 
 
 if __name__ == "__main__":

@@ -196,7 +196,7 @@ def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         x.numel() > FEW_ROWS * x.shape[-1]
         or type(layer) is not nn.Linear
         or x.device.type != "cpu"
-        or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or _bias_requires_grad(layer)))
         or layer._forward_hooks
         or layer._forward_pre_hooks
         or torch.is_autocast_enabled("cpu")
@@ -219,6 +219,10 @@ def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if x.dtype in REDUCED_FLOATS and x.numel() == x.shape[-1]:
         return one_row_linear(x, weight, layer.bias)
     return layer(x)
+
+
+def _bias_requires_grad(layer: nn.Linear) -> bool:
+    return layer.bias is not None and layer.bias.requires_grad
 
 
 def one_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
