@@ -30,7 +30,7 @@ against the reference (``tests/test_kernels.py``, ``tests/test_speed_paths.py``,
   CPU is (its vendor in ``/proc/cpuinfo``), or by ``HF_TXL_CPU_PRODUCTS=column|row`` (:func:`cpu_product_form`);
   no timing decides it, so a model's outputs do not depend on the machine's load.
 * **bf16 and int8 weights** in those products: up to ``PACKED_ROWS`` bf16 rows take a packed copy of the weight
-  (:func:`packed_linear`: FBGEMM's float16-weight product, else oneDNN's packed bf16; 3x and 2x ``F.linear``'s read
+  (:func:`packed_linear`: FBGEMM's float16-weight product, else oneDNN's packed bf16; 1.5-3x ``F.linear``'s read
   rate on AMD EPYC), one fp16 row (or bf16 without a packed form) ``addmv`` (:func:`one_row_linear`); weights that
   torchao quantized to int8 weight-only take torch's int8 weight-packed product with bf16 inputs
   (:func:`int8_weight_linear`), where torchao's CPU path dequantizes the whole weight at every call. A bf16 model's
@@ -340,8 +340,9 @@ def packed_linear(x: torch.Tensor, packed: tuple, bias: torch.Tensor | None) -> 
 
     * ``"fbgemm"``: FBGEMM's product of float32 inputs (``x`` exactly) with the weight as float16, which holds every
       bf16 value of magnitude 2^-17 to 65504 exactly (the few smaller weights move by less than 3e-8). It reads the
-      weight at 25-30 GB/s on the AMD EPYC VM, where ``F.linear`` reads bf16 weights at 8-9 GB/s, ``addmv`` at 6 and
-      oneDNN's packed bf16 product at 15-17 (``bench/bench_gemv.py``, 1 row); from 4 rows oneDNN is as fast.
+      weight 1.5-3x faster than ``F.linear`` reads bf16 weights on the AMD EPYC VM, and faster than ``addmv`` and
+      oneDNN's packed bf16 product for one row (``bench/bench_gemv.py``: 12.7 against 7.9 GB/s in one run, 25-30
+      against 8-9 in another); from 4 rows oneDNN is as fast or faster.
     * ``"onednn"``: oneDNN's bf16 product with its blocked weight layout.
     """
     form, weight, zeros = packed
@@ -383,9 +384,9 @@ def int8_weight_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bi
     """``F.linear(x, q * scale[:, None], bias)`` for a few rows through torch's int8 weight-packed product
     (``torch._weight_int8pack_mm``), whose CPU kernel is vectorised for bf16 inputs only: ``x`` is rounded to bf16,
     the products accumulate in float32 and the result is rounded to bf16 once, then returned in ``x``'s dtype. It
-    reads the int8 weight at 12-14 GB/s on the AMD EPYC VM, where torchao's own path for a CPU ``Int8Tensor``
-    dequantizes the whole weight to float32 at every call, and the same kernel with float32 inputs reads 1-2 GB/s
-    (``bench/bench_speed.py``, precision section)."""
+    reads the int8 weight at 9-21 GB/s for one row on the AMD EPYC VM, where the same kernel with float32 inputs reads
+    1-2 GB/s and torchao's own path for a CPU ``Int8Tensor``, which dequantizes the whole weight to float32 at every
+    call, 1-6 (``bench/bench_gemv.py``; whole steps: ``bench/bench_speed.py``, section precision)."""
     rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # [rows, in]
     out = torch._weight_int8pack_mm(rows, q, scale)  # [rows, out], bf16
     out = out.to(x.dtype) if bias is None else torch.add(bias, out)  # the bias in x's dtype (promotes bf16 to it)
