@@ -326,9 +326,10 @@ class TxlCache(Cache):
         self.seen_tokens -= remove
         self._point_into_store(new_start, new_end)
 
-    def activate_past_recording(self) -> None:
+    def activate_past_recording(self, recurrent_states_to_keep: int | None = None, **kwargs) -> None:
         """Keep every position when the memory moves to a new store, so that ``crop`` can go back any number of
-        tokens (``generate()`` calls this for assisted decoding)."""
+        tokens (``generate()`` calls this for assisted decoding; ``recurrent_states_to_keep``, transformers' bound on
+        the rollback, is not needed: every position is kept)."""
         self.record_past = True
 
     # --- copies --------------------------------------------------------------------------------------------------

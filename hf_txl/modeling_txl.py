@@ -77,6 +77,9 @@ from .kernels_txl import (
     sdpa_rel_attention,
 )
 
+# generate() settings that make transformers draft tokens and roll back the rejected ones (TxlCache.crop)
+ASSISTED_DECODING_SETTINGS = ("prompt_lookup_num_tokens", "assistant_early_exit")
+
 # ----------------------------------------------------------------------------------------------------
 # Positions
 # ----------------------------------------------------------------------------------------------------
@@ -788,6 +791,12 @@ class TxlForCausalLM(TxlPreTrainedModel, GenerationMixin):
         in the first call, which also follow a given memory; the memory then carries them and each step feeds only
         the new token. As for GPT-2, the returned sequences hold the new tokens only, or ``input_ids`` and the new
         tokens when both are given.
+
+        Assisted decoding (``assistant_model=``, ``prompt_lookup_num_tokens=``) rolls rejected drafts back with
+        :meth:`TxlCache.crop`, which needs the positions that slid out of the memory: the memory then records them
+        from the start (transformers asks for that on the empty cache it makes, before hf_txl's replaces it). An
+        assistant's own calls follow transformers' convention instead of hf_txl's: ``input_ids`` are the whole text,
+        of which the memory holds the first ``cache.get_seq_length()`` tokens.
         """
         if self.config.mem_len == 0:
             if kwargs.get("inputs_embeds") is not None:
@@ -800,6 +809,13 @@ class TxlForCausalLM(TxlPreTrainedModel, GenerationMixin):
             if kwargs.get("cache") is not None:
                 raise ValueError("Pass the memory as `cache=` or as `mems=` (its alias), not both.")
             kwargs["cache"] = mems.fork() if isinstance(mems, TxlCache) else TxlCache(list(mems))
+        config = generation_config or self.generation_config
+        if self.config.mem_len and self._assisted_decoding_role(config, kwargs):
+            if kwargs.get("cache") is None:
+                kwargs["cache"] = TxlCache(n_layer=self.config.n_layer)
+            kwargs["cache"].activate_past_recording()
+            if getattr(config, "is_assistant", False):  # the whole text: transformers feeds what follows the memory
+                return super().generate(inputs, generation_config, *args, **kwargs)
         prompt = inputs if inputs is not None else kwargs.get("input_ids")
         if kwargs.get("inputs_embeds") is not None:
             prompt = kwargs["inputs_embeds"]  # [B, T, d_model]: what the first call reads
@@ -812,12 +828,18 @@ class TxlForCausalLM(TxlPreTrainedModel, GenerationMixin):
             mask = torch.ones(batch, qlen, dtype=torch.long, device=prompt.device) if mask is None else mask
             if mask.shape[1] == qlen:  # transformers' convention: the mask covers every token so far
                 kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, seen), mask], dim=1)
-            config = generation_config or self.generation_config
             expand = max(kwargs.get("num_beams", config.num_beams) or 1,
                          kwargs.get("num_return_sequences", config.num_return_sequences) or 1)  # fmt: skip
             if expand > 1 and cache.batch_size == batch:
                 cache.batch_repeat_interleave(expand)
         return super().generate(inputs, generation_config, *args, **kwargs)
+
+    @staticmethod
+    def _assisted_decoding_role(config, kwargs) -> bool:
+        """Whether this ``generate()`` call drafts for a model (an assistant's) or checks drafts (assisted)."""
+        if getattr(config, "is_assistant", False) or kwargs.get("assistant_model") is not None:
+            return True
+        return any(kwargs.get(name, getattr(config, name, None)) for name in ASSISTED_DECODING_SETTINGS)
 
     def prepare_inputs_for_generation(
         self, input_ids, next_sequence_length=None, cache=None, attention_mask=None, inputs_embeds=None,

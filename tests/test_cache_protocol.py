@@ -5,6 +5,7 @@ streamers), export with ``torch.export``, and clear errors for bad model input."
 import copy
 import inspect
 import threading
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -207,6 +208,42 @@ def test_assisted_and_prompt_lookup_decoding_equal_greedy(mode):
     plain = model.generate(prompt, max_new_tokens=20, do_sample=False)
     assert torch.equal(out, plain)
     assert torch.equal(out, recompute_greedy(model, prompt, 20))
+
+
+def test_an_assistant_with_the_models_weights_drafts_its_tokens_and_each_is_fed_once():
+    """The assistant's memory holds the text once (transformers hands it the whole text at every call; it must feed
+    only what follows its memory), so with the model's own weights it drafts the model's greedy tokens: every draft
+    is accepted and the model reads each token once."""
+    model = make_model(mem_len=40)
+    assistant = copy.deepcopy(model)
+    prompt = torch.randint(1, 40, (1, 12))
+    fed = []
+    hook = model.register_forward_pre_hook(lambda m, a, k: fed.append(k["input_ids"].shape[1]), with_kwargs=True)
+    out = model.generate(prompt, max_new_tokens=20, do_sample=False, assistant_model=assistant)
+    hook.remove()
+    assert torch.equal(out, recompute_greedy(model, prompt, 20))
+    assert len(fed) > 1 and sum(fed) == 12 + 20 - 1, fed  # a rejected draft would be fed again
+
+
+@pytest.mark.parametrize("mode", ["prompt_lookup", "assistant"])
+def test_assisted_decoding_rolls_back_drafts_beyond_the_memory(mode):
+    """Past ``mem_len`` a rejected draft is rolled back with positions that slid out of the memory (kept while
+    recording the past); the text up to the memory's length equals plain greedy decoding."""
+    model = make_model(mem_len=16)
+    pattern = torch.randint(1, 40, (1, 3))
+    prompt = torch.cat([pattern, pattern], dim=1)  # 6 tokens
+    torch.manual_seed(1)
+    if mode == "prompt_lookup":
+        extra = {"prompt_lookup_num_tokens": 4}
+    else:
+        extra = {"assistant_model": TxlForCausalLM(tiny_config(mem_len=16, n_layer=1, init_std=0.5)).eval()}
+    rolled_back = []  # (tokens seen, tokens removed) of every roll-back
+    crop = TxlCache.crop
+    with patch.object(TxlCache, "crop", lambda self, n: (rolled_back.append((self.seen_tokens, -n)), crop(self, n))):
+        out = model.generate(prompt, max_new_tokens=100, do_sample=False, **extra)
+    assert out.shape == (1, 106)
+    assert any(seen - removed >= 16 and removed for seen, removed in rolled_back), rolled_back
+    assert torch.equal(out[:, :17], model.generate(prompt, max_new_tokens=11, do_sample=False))
 
 
 def test_streamer_receives_the_generated_tokens():
