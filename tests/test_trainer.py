@@ -263,8 +263,8 @@ def test_lora_trains_adapters_with_the_memory_and_merges(tmp_path):
         merged_model = lora.merge_and_unload()
         first = merged_model(input_ids=ids[:, :10])
         merged = (first.logits, merged_model(input_ids=ids[:, 10:], mems=first.mems).logits)
-    for a, b in zip(adapted, merged):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    for a, b in zip(adapted, merged):  # W x + B A x against (W + B A) x: float32 rounding (1.0e-5 seen on AVX2)
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-5)
     assert (adapted[1] - base.__class__(base.config).eval()(input_ids=ids[:, 10:]).logits).abs().max() > 0.1
 
 
