@@ -21,8 +21,13 @@ TINY = ["--preset", "tiny", "--logging_steps", "1"]
 
 
 def run_train(args, *, env=None, check=True, launcher=None, script=TRAIN):
+    """Run the training script in a new process with this environment, updated by ``env`` (a None value unsets)."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    full_env.update(env or {})
+    for name, value in (env or {}).items():
+        if value is None:
+            full_env.pop(name, None)
+        else:
+            full_env[name] = value
     command = (launcher or script[:1]) + script[1:] + list(args)
     result = subprocess.run(command, capture_output=True, text=True, env=full_env, cwd=ROOT, timeout=600)
     if check and result.returncode != 0:
@@ -172,35 +177,49 @@ def test_unknown_preset():
     assert_one_line_error(run_train(["--preset", "huge"], check=False), "Unknown preset 'huge'")
 
 
-@pytest.mark.parametrize(
-    "args,message",
-    [
-        (["--dataset_name", "x", "--train_file", "y"], "alternatives"),
-        (["--resume_from_checkpoint", "latest", "--overwrite_output_dir"], "deletes it"),
-        (["--push_to_hub"], "needs --hub_model_id"),
-        (["--tgt_len", "0"], "--tgt_len must be >= 1"),
-        (["--learning_rate", "-0.001"], "--learning_rate must be a positive number, got -0.001"),
-        (["--learning_rate", "nan"], "--learning_rate must be a positive number"),
-        (["--adam_beta2", "1.0"], "--adam_beta2 must lie in [0, 1)"),
-        (["--weight_decay", "-1"], "--weight_decay must be >= 0"),
-        (["--num_threads", "0"], "--num_threads must be >= 1"),
-        (["--min_frequency", "3"], "apply to --tokenizer word only"),
-        (["--tokenizer", "words"], "invalid choice: 'words'"),
-        (["--max_train_steps", "ten"], "invalid int value: 'ten'"),
-        (["--checkpointing_steps", "often"], "--checkpointing_steps must be"),
-        (["--validation_split_fraction", "1.5"], "(0, 1)"),
-        (["--config_overrides", "n_layers=3"], "unknown field 'n_layers' in 'n_layers=3'; did you mean 'n_layer'?"),
-        (["--config_overrides", "cutoffs=[10,20"], "--config_overrides: "),
-        (["--config_overrides", "d_model=-1"], "`d_model`"),
-        (["--per_device_train_batch_size", "100000"], "shorter than one batch"),
-        (["--train_file", "/nonexistent/corpus.txt"], "corpus.txt"),
-        (["--resume_from_checkpoint", "latest"], "no checkpoint under"),
-    ],
-)
-def test_bad_arguments_fail_before_training(tmp_path, args, message):
-    result = run_train([*TINY, "--output_dir", str(tmp_path / "out"), *args], check=False)
-    assert_one_line_error(result, message)
-    assert not (tmp_path / "out" / "checkpoints").exists()
+BAD_ARGUMENTS = [
+    (["--dataset_name", "x", "--train_file", "y"], "alternatives"),
+    (["--resume_from_checkpoint", "latest", "--overwrite_output_dir"], "deletes it"),
+    (["--push_to_hub"], "needs --hub_model_id"),
+    (["--tgt_len", "0"], "--tgt_len must be >= 1"),
+    (["--learning_rate", "-0.001"], "--learning_rate must be a positive number, got -0.001"),
+    (["--learning_rate", "nan"], "--learning_rate must be a positive number"),
+    (["--adam_beta2", "1.0"], "--adam_beta2 must lie in [0, 1)"),
+    (["--weight_decay", "-1"], "--weight_decay must be >= 0"),
+    (["--num_threads", "0"], "--num_threads must be >= 1"),
+    (["--min_frequency", "3"], "apply to --tokenizer word only"),
+    (["--tokenizer", "words"], "invalid choice: 'words'"),
+    (["--max_train_steps", "ten"], "invalid int value: 'ten'"),
+    (["--checkpointing_steps", "often"], "--checkpointing_steps must be"),
+    (["--validation_split_fraction", "1.5"], "(0, 1)"),
+    (["--config_overrides", "n_layers=3"], "unknown field 'n_layers' in 'n_layers=3'; did you mean 'n_layer'?"),
+    (["--config_overrides", "cutoffs=[10,20"], "--config_overrides: "),
+    (["--config_overrides", "d_model=-1"], "`d_model`"),
+    (["--per_device_train_batch_size", "100000"], "shorter than one batch"),
+    (["--train_file", "/nonexistent/corpus.txt"], "corpus.txt"),
+    (["--resume_from_checkpoint", "latest"], "no checkpoint under"),
+]
+
+
+@pytest.fixture(scope="module")
+def refused_runs(tmp_path_factory):
+    """Every BAD_ARGUMENTS case through hf_txl.train's ``main`` (tests/refused_runs.py: one process for all, each
+    case with its own output directory): ``{case index: (output_dir, result)}``. test_unknown_preset and
+    test_empty_corpus_is_a_clear_error check the same one-line errors from a process of their own."""
+    from types import SimpleNamespace
+
+    root = tmp_path_factory.mktemp("refused")
+    cases = [[*TINY, "--output_dir", str(root / f"out{i}"), *args] for i, (args, _) in enumerate(BAD_ARGUMENTS)]
+    results = run_train([json.dumps(cases)], script=[sys.executable, str(ROOT / "tests" / "refused_runs.py")])
+    replies = json.loads(results.stdout.strip().splitlines()[-1])
+    return {i: (root / f"out{i}", SimpleNamespace(**reply)) for i, reply in enumerate(replies)}
+
+
+@pytest.mark.parametrize("case", range(len(BAD_ARGUMENTS)), ids=[" ".join(a)[:40] for a, _ in BAD_ARGUMENTS])
+def test_bad_arguments_fail_before_training(refused_runs, case):
+    out, result = refused_runs[case]
+    assert_one_line_error(result, BAD_ARGUMENTS[case][1])
+    assert not (out / "checkpoints").exists()
 
 
 def test_empty_corpus_is_a_clear_error(tmp_path):
@@ -281,8 +300,8 @@ def test_every_checkpoint_damaged_is_refused_and_nothing_changes(tmp_path):
 
 def clean_launch_env(tmp_path, **extra):
     """accelerate launch with no config file (a fresh HF_HOME) and no thread setting of ours."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "OMP_"))}
-    return {**env, "HF_HOME": str(tmp_path / "hf_home"), **extra}
+    unset = {name: None for name in os.environ if name.startswith(("ACCELERATE_", "OMP_"))}
+    return {**unset, "HF_HOME": str(tmp_path / "hf_home"), **extra}
 
 
 @pytest.mark.slow
