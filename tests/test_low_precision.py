@@ -166,7 +166,7 @@ def test_int8_weight_linear_equals_the_dequantized_reference(rows, bias, dtype):
     bias64 = None if layer.bias is None else layer.bias.double()
     # With the kernel's roundings (input and scales to bf16, the float32 sum rounded once to bf16, the bias added in
     # x's dtype): equal up to the summation order
-    q, scale = layer.weight.qdata.double(), parts[1].double().reshape(-1, 1)
+    q, scale = layer.weight.qdata.double(), layer.weight.scale.bfloat16().double().reshape(-1, 1)
     rounded = F.linear(x.bfloat16().double(), q * scale).bfloat16().to(dtype)
     rounded = (rounded if layer.bias is None else rounded + layer.bias).double()
     torch.testing.assert_close(out.double(), rounded, rtol=BF16_STEP, atol=1e-5)
