@@ -450,8 +450,8 @@ def main(argv=None) -> int:
     for name, fn, *fn_args in parts:  # results are written after each part: a run cut short keeps what it measured
         part_started = time.time()
         guarded(name, fn, *fn_args)
-        RESULTS.setdefault("part_seconds", {})[name] = time.time() - part_started
-        print(f"      ({name}: {time.time() - part_started:.0f} s)", flush=True)
+        seconds = RESULTS.setdefault("part_seconds", {})[name] = time.time() - part_started
+        print(f"      ({name}: {seconds:.0f} s)", flush=True)
         RESULTS["seconds"], RESULTS["failures"] = time.time() - started, FAILURES
         write_results(out)
     print(f"{len(FAILURES)} failed of {len(RESULTS['checks'])} checks; {RESULTS['seconds']:.0f} s -> {out}")

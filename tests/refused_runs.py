@@ -26,7 +26,7 @@ def refused_run(argv: list[str]) -> dict:
         try:
             main(argv)
         except SystemExit as exit_:
-            returncode = exit_.code if isinstance(exit_.code, int) else 1
+            returncode = 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 1
         except BaseException:  # noqa: BLE001 - reported as the interpreter would report it
             traceback.print_exc()
             returncode = 1

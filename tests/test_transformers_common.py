@@ -10,16 +10,15 @@ import copy
 import pytest
 import torch
 import torch.utils._pytree as pytree
-from conftest import left_padding, tiny_config
+from conftest import OTHER_ROUTE, left_padding, tiny_config
 from transformers.exporters import DynamoConfig, DynamoExporter
 from transformers.exporters.utils import get_leaf_tensors
 
 from hf_txl import TxlCache, TxlForCausalLM, TxlForSequenceClassification, TxlModel
 
-# init_std 0.5 gives logits up to ~10; routes through the same float32 kernels agree to ~1e-6, different routes
-# (one segment against several, export against eager) to ~2.5e-5.
+# init_std 0.5 gives logits up to ~10; routes through the same float32 kernels agree to ~1e-6 (other routes:
+# conftest.OTHER_ROUTE).
 SAME_ROUTE = dict(atol=1e-6, rtol=1e-6)
-OTHER_ROUTE = dict(atol=5e-5, rtol=1e-5)
 
 
 def make_model(cls=TxlForCausalLM, **overrides):
