@@ -116,7 +116,8 @@ def low_precision(mid, biases) -> None:
         int8.append((torch.round(w / scale[:, None]).to(torch.int8), scale.bfloat16(), scale))
     chosen = kernels.packed_form()
     packs = {}
-    for name in ("fbgemm", "onednn") if chosen == "fbgemm" else ("onednn",):
+    forms = ["fbgemm"] * (chosen == "fbgemm") + ["onednn"] * kernels.onednn_bf16_supported()  # what this CPU packs
+    for name in forms:
         kernels.PACKED_FORM = name
         packs[name] = [packed_weight(layer) for layer in layers]
         for layer in layers:

@@ -278,12 +278,17 @@ def packed_form() -> str:
                 torch.fbgemm_linear_fp16_weight(torch.ones(1, 8), packed, torch.zeros(8))
             PACKED_FORM = "fbgemm"
         except (AttributeError, RuntimeError):  # a build without FBGEMM, or a torch that removed them
-            try:
-                if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-                    PACKED_FORM = "onednn"
-            except (AttributeError, RuntimeError):
-                pass
+            if onednn_bf16_supported():
+                PACKED_FORM = "onednn"
     return PACKED_FORM
+
+
+def onednn_bf16_supported() -> bool:
+    """Whether oneDNN can pack and multiply bf16 weights on this CPU (it needs AVX-512 or AVX-NE-CONVERT)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 class _Prepared:

@@ -29,7 +29,7 @@ def available_packed_forms() -> list[str]:
     forms = []
     if kernels.packed_form() == "fbgemm":
         forms.append("fbgemm")
-    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if kernels.onednn_bf16_supported():
         forms.append("onednn")
     return forms
 
